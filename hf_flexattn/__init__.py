@@ -12,22 +12,19 @@ from __future__ import annotations
 
 import logging
 
-try:  # TEMPORARY while modules are being written in parallel; removed before commit
-    from . import mods
-    from .api import flex_attention
-    from .block_mask import (
-        BlockMask,
-        and_masks,
-        create_block_mask,
-        create_causal_block_mask,
-        create_document_block_mask,
-        create_mask,
-        create_sliding_window_block_mask,
-        noop_mask,
-        or_masks,
-    )
-except ImportError:
-    pass
+from . import mods
+from .api import flex_attention
+from .block_mask import (
+    BlockMask,
+    and_masks,
+    create_block_mask,
+    create_causal_block_mask,
+    create_document_block_mask,
+    create_mask,
+    create_sliding_window_block_mask,
+    noop_mask,
+    or_masks,
+)
 
 __version__ = "0.1.0"
 
@@ -62,5 +59,5 @@ def register(name: str = "flex") -> None:
 
 try:  # Transformers is a dependency, but keep the kernels usable without it.
     register("flex")
-except Exception as _err:  # pragma: no cover - depends on the environment
+except ImportError as _err:  # pragma: no cover - depends on the environment
     _logger.debug("Transformers integration not registered: %s", _err)
