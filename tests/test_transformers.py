@@ -1,0 +1,524 @@
+"""Transformers integration: tiny models from configs, "flex" against the reference kernels.
+
+Every model is 2 layers, hidden 64, vocab 128, fp32, CPU, torch backend. The reference is
+``eager`` (``sdpa`` for Falcon, whose eager ALiBi path adds the bias twice). Masks are built
+with a small tile size so that the block algebra (full / partial / empty tiles) is exercised.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+from transformers import masking_utils as mu  # noqa: E402
+
+import hf_flexattn  # noqa: E402
+from hf_flexattn.integrations import transformers as integ  # noqa: E402
+
+MODELS = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "gemma2",
+    "gpt_oss",
+    "phi3",
+    "gpt2",
+    "bloom",
+    "falcon",
+    "mpt",
+]
+# models whose forward takes position_ids (packed rows restart them)
+PACKABLE = ["llama", "mistral", "qwen2", "gemma2", "gpt_oss", "phi3", "gpt2", "falcon"]
+
+
+def tiny_config(model_type: str):
+    common = dict(vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    attn = dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
+    if model_type == "llama":
+        cfg = dict(attn)
+    elif model_type == "mistral":
+        cfg = dict(attn, sliding_window=5, num_key_value_heads=1)
+    elif model_type == "qwen2":
+        cfg = dict(
+            attn,
+            sliding_window=5,
+            use_sliding_window=True,
+            max_window_layers=0,
+            layer_types=["sliding_attention", "full_attention"],
+        )
+    elif model_type == "gemma2":
+        cfg = dict(
+            attn,
+            sliding_window=5,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=30.0,
+            query_pre_attn_scalar=20,
+        )
+    elif model_type == "gpt_oss":
+        cfg = dict(
+            attn, intermediate_size=32, sliding_window=5, num_local_experts=4, num_experts_per_tok=2
+        )
+    elif model_type == "phi3":
+        cfg = dict(attn)
+        cfg.pop("head_dim")
+    elif model_type == "gpt2":
+        cfg = dict(n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    elif model_type == "bloom":
+        cfg = dict(hidden_size=64, n_layer=2, n_head=4)
+    elif model_type == "falcon":
+        cfg = dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            alibi=True,
+            new_decoder_architecture=False,
+            multi_query=False,
+        )
+    elif model_type == "mpt":
+        cfg = dict(d_model=64, n_layers=2, n_heads=4, max_seq_len=64)
+    else:  # pragma: no cover
+        raise ValueError(model_type)
+    config = AutoConfig.for_model(model_type, **cfg, **common)
+    for attr in (
+        "attention_dropout",
+        "attn_pdrop",
+        "resid_pdrop",
+        "embd_pdrop",
+        "hidden_dropout",
+        "summary_first_dropout",
+    ):
+        if hasattr(config, attr):
+            setattr(config, attr, 0.0)
+    if model_type == "mpt":
+        config.attn_config.attn_pdrop = 0
+    return config
+
+
+def reference_impl(model_type: str) -> str:
+    return "sdpa" if model_type == "falcon" else "eager"
+
+
+def make_pair(model_type: str, seed: int = 0):
+    config = tiny_config(model_type)
+    torch.manual_seed(seed)
+    ref = AutoModelForCausalLM.from_config(
+        copy.deepcopy(config), attn_implementation=reference_impl(model_type)
+    )
+    flex = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="flex")
+    flex.load_state_dict(ref.state_dict())
+    assert flex.config._attn_implementation == "flex"
+    return ref.eval(), flex.eval()
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(integ, "BLOCK_SIZE", 8)
+    integ.clear_cache()
+    yield
+    integ.clear_cache()
+
+
+def left_padded_batch(seed: int = 1, length: int = 21):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (3, length), generator=g)
+    am = torch.ones_like(ids)
+    am[1, :6] = 0
+    am[2, :13] = 0
+    ids = ids.masked_fill(am == 0, 0)
+    return ids, am
+
+
+# --------------------------------------------------------------------------------------------
+# registration
+# --------------------------------------------------------------------------------------------
+def test_register_is_idempotent_and_fills_both_interfaces():
+    hf_flexattn.register()
+    hf_flexattn.register("flex")
+    assert transformers.AttentionInterface._global_mapping["flex"] is integ.flex_attention_forward
+    assert mu.AttentionMaskInterface._global_mapping["flex"] is integ.flex_mask
+
+
+def test_register_other_name_and_unregister():
+    integ.register("flex_test_name")
+    try:
+        model = AutoModelForCausalLM.from_config(
+            tiny_config("llama"), attn_implementation="flex_test_name"
+        )
+        assert model.config._attn_implementation == "flex_test_name"
+    finally:
+        integ.unregister("flex_test_name")
+    assert "flex_test_name" not in transformers.AttentionInterface._global_mapping
+    assert "flex_test_name" not in mu.AttentionMaskInterface._global_mapping
+    from transformers.models.falcon import modeling_falcon as mf
+
+    assert "flex_test_name" not in mf.FALCON_ATTENTION_CLASSES
+    assert "flex" in mf.FALCON_ATTENTION_CLASSES
+    hf_flexattn.register()  # unregister reverted the shared family patches
+
+
+def test_set_attn_implementation_switches_to_flex():
+    ref, _ = make_pair("llama")
+    ids, am = left_padded_batch()
+    with torch.no_grad():
+        expect = ref(ids, attention_mask=am).logits
+        ref.set_attn_implementation("flex")
+        assert ref.config._attn_implementation == "flex"
+        got = ref(ids, attention_mask=am).logits
+    valid = am.bool()
+    torch.testing.assert_close(got[valid], expect[valid], atol=2e-4, rtol=0)
+
+
+def test_bad_mask_arguments_raise():
+    with pytest.raises(ValueError, match="q_length"):
+        integ.flex_mask(1, 0, 4)
+    with pytest.raises(ValueError, match="attention_mask"):
+        integ.flex_mask(1, 4, 4, attention_mask=torch.ones(1, 1, 4, 4))
+    with pytest.raises(TypeError, match="mask_function"):
+        integ.flex_mask(1, 4, 4, mask_function=3)
+
+
+# --------------------------------------------------------------------------------------------
+# the mask function against Transformers' own dense masks
+# --------------------------------------------------------------------------------------------
+def dense_from_block_mask(bm, B: int, Lq: int, Lk: int) -> torch.Tensor:
+    """Expand a BlockMask (tile map + mask_mod) to a bool [B, Lq, Lk] mask."""
+    from hf_flexattn._mod_eval import eval_mask_mod
+
+    bq, bk = bm.BLOCK_SIZE
+    out = torch.zeros(B, Lq, Lk, dtype=torch.bool)
+    mb = bm.kv_num_blocks.shape[0]
+    for b in range(B):
+        bb = b if mb > 1 else 0
+        for i in range(-(-Lq // bq)):
+            rows = torch.arange(i * bq, min((i + 1) * bq, Lq))
+            lists = [(bm.kv_num_blocks, bm.kv_indices, True)]
+            if bm.full_kv_num_blocks is not None:
+                lists.append((bm.full_kv_num_blocks, bm.full_kv_indices, False))
+            for num, idx, partial in lists:
+                for j in idx[bb, 0, i, : int(num[bb, 0, i])].tolist():
+                    cols = torch.arange(j * bk, min((j + 1) * bk, Lk))
+                    if partial:
+                        m = eval_mask_mod(
+                            bm.mask_mod, torch.tensor([b]), torch.tensor([0]), rows, cols
+                        )[0, 0]
+                    else:
+                        m = torch.ones(len(rows), len(cols), dtype=torch.bool)
+                    out[b, rows[:, None], cols[None, :]] = m
+    return out
+
+
+def _padding(B: int, S: int, lefts: list[int]) -> torch.Tensor:
+    am = torch.ones(B, S, dtype=torch.bool)
+    for b, n in enumerate(lefts):
+        am[b, :n] = False
+    return am
+
+
+MASK_CASES = {
+    "causal": dict(B=2, q=19, kv=19, qo=0, ko=0, fn=mu.causal_mask_function, pad=None),
+    "causal_left_pad": dict(
+        B=3, q=19, kv=19, qo=0, ko=0, fn=mu.causal_mask_function, pad=[0, 5, 11]
+    ),
+    "causal_decode": dict(B=3, q=1, kv=30, qo=29, ko=0, fn=mu.causal_mask_function, pad=[0, 5, 17]),
+    "causal_chunk_prefill": dict(
+        B=2, q=7, kv=30, qo=23, ko=0, fn=mu.causal_mask_function, pad=[2, 9]
+    ),
+    "static_decode": dict(
+        B=2,
+        q=1,
+        kv=40,
+        qo=torch.tensor(25),
+        ko=0,
+        fn=mu.causal_mask_function,
+        pad=[3, 0],
+        pad_len=26,
+    ),
+    "static_prefill": dict(
+        B=2,
+        q=17,
+        kv=40,
+        qo=torch.tensor(0),
+        ko=0,
+        fn=mu.causal_mask_function,
+        pad=[3, 0],
+        pad_len=17,
+    ),
+    "sliding": dict(
+        B=2, q=23, kv=23, qo=0, ko=0, fn=mu.sliding_window_causal_mask_function(5), pad=[0, 7]
+    ),
+    "sliding_cache_offset": dict(
+        B=2,
+        q=3,
+        kv=7,
+        qo=20,
+        ko=16,
+        fn=mu.sliding_window_causal_mask_function(5),
+        pad=[0, 18],
+        pad_len=23,
+    ),
+    "bidirectional": dict(
+        B=2, q=11, kv=11, qo=0, ko=0, fn=mu.bidirectional_mask_function, pad=[0, 4]
+    ),
+    "custom_or": dict(
+        B=2,
+        q=13,
+        kv=13,
+        qo=0,
+        ko=0,
+        fn=mu.or_masks(mu.causal_mask_function, lambda b, h, q, kv: kv < 3),
+        pad=[0, 2],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MASK_CASES))
+def test_mask_function_matches_transformers_dense_mask(case):
+    c = MASK_CASES[case]
+    pad = None
+    if c["pad"] is not None:
+        pad = _padding(c["B"], c.get("pad_len", int(c["qo"]) + c["q"]), c["pad"])
+    kwargs = dict(
+        batch_size=c["B"],
+        q_length=c["q"],
+        kv_length=c["kv"],
+        q_offset=c["qo"],
+        kv_offset=c["ko"],
+        mask_function=c["fn"],
+        attention_mask=pad,
+    )
+    expect = mu.sdpa_mask(**kwargs, allow_is_causal_skip=False, use_vmap=True)
+    expect = expect.expand(c["B"], 1, c["q"], c["kv"])[:, 0]
+    bm = integ.flex_mask(**kwargs, device="cpu")
+    assert isinstance(bm, torch.nn.attention.flex_attention.BlockMask)
+    assert isinstance(bm, hf_flexattn.BlockMask)
+    got = dense_from_block_mask(bm, c["B"], c["q"], c["kv"])
+    # rows that see nothing are left to the kernel (output 0), Transformers' too
+    assert torch.equal(got, expect)
+
+
+def test_packed_mask_function_matches_transformers():
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 1]])
+    docs = mu.find_packed_sequence_indices(pos)
+    fn = mu.and_masks(
+        mu.sliding_window_causal_mask_function(4), mu.packed_sequence_mask_function(docs)
+    )
+    if hasattr(mu, "remap_positions_for_packed_sequence"):
+        fn = mu.and_masks(
+            mu.remap_positions_for_packed_sequence(mu.sliding_window_causal_mask_function(4), pos),
+            mu.packed_sequence_mask_function(docs),
+        )
+    L = pos.shape[1]
+    expect = mu.sdpa_mask(1, L, L, mask_function=fn, allow_is_causal_skip=False, use_vmap=True)[
+        :, 0
+    ]
+    bm = integ.flex_mask(1, L, L, mask_function=fn)
+    assert torch.equal(dense_from_block_mask(bm, 1, L, L), expect)
+    # analytic tile map: tiles outside every window are skipped (3x3 tiles, 5 visited)
+    assert int(bm.kv_num_blocks.sum()) + int(bm.full_kv_num_blocks.sum()) == 5
+
+
+def test_mask_is_cached_and_skips_tiles():
+    a = integ.flex_mask(2, 40, 40)
+    b = integ.flex_mask(2, 40, 40)
+    assert a is b
+    # causal 40x40 with 8-wide tiles: 5 diagonal partial tiles, 10 full tiles below them
+    assert int(a.kv_num_blocks.sum()) == 5
+    assert int(a.full_kv_num_blocks.sum()) == 10
+
+
+# --------------------------------------------------------------------------------------------
+# models: logits, gradients, generation
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_type", MODELS)
+def test_left_padded_logits_and_gradients(model_type):
+    ref, flex = make_pair(model_type)
+    ids, am = left_padded_batch()
+    valid = am.bool()
+    with torch.no_grad():
+        expect = ref(ids, attention_mask=am).logits
+        got = flex(ids, attention_mask=am).logits
+    torch.testing.assert_close(got[valid], expect[valid], atol=2e-4, rtol=0)
+
+    # a padding position's output is a convention (eager: mean of all values, flex: 0); keep
+    # it out of the loss, including as the predictor of the first real token
+    labels = ids.masked_fill(am == 0, -100)
+    labels[:, 1:] = labels[:, 1:].masked_fill(am[:, :-1] == 0, -100)
+    grads = []
+    for model in (ref, flex):
+        model.train()
+        model.zero_grad()
+        model(ids, attention_mask=am, labels=labels).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        model.eval()
+    assert grads[0].keys() == grads[1].keys()
+    for name, g_ref in grads[0].items():
+        scale = g_ref.abs().max().clamp_min(1e-6)
+        err = (grads[1][name] - g_ref).abs().max() / scale
+        assert err <= 1e-3, f"{model_type} {name}: relative gradient error {err:.2e}"
+
+
+GENERATE_CASES = [(m, "dynamic") for m in MODELS] + [
+    # Falcon's own static-cache path fails in Transformers (its ALiBi needs the 2-D mask);
+    # MPT has no static cache support.
+    (m, "static")
+    for m in MODELS
+    if m not in ("falcon", "mpt")
+]
+
+
+@pytest.mark.parametrize("model_type,cache", GENERATE_CASES)
+def test_greedy_generate_matches_reference(model_type, cache):
+    ref, flex = make_pair(model_type, seed=3)
+    ids, am = left_padded_batch(seed=5, length=13)
+    kw = dict(attention_mask=am, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    if cache == "static":
+        kw["cache_implementation"] = "static"
+    expect = ref.generate(ids, **kw)
+    got = flex.generate(ids, **kw)
+    assert torch.equal(got, expect)
+
+
+# --------------------------------------------------------------------------------------------
+# packed rows
+# --------------------------------------------------------------------------------------------
+DOC_LENGTHS = [7, 12, 4]
+
+
+def _docs(seed: int = 7) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (n,), generator=g) for n in DOC_LENGTHS]
+
+
+def _separate_logits(model, docs) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(d[None], use_cache=False).logits[0] for d in docs])
+
+
+@pytest.mark.parametrize("model_type", PACKABLE)
+def test_packed_position_ids_equal_separate_documents(model_type):
+    ref, flex = make_pair(model_type)
+    docs = _docs()
+    ids = torch.cat(docs)[None]
+    pos = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    expect = _separate_logits(ref, docs)
+    with torch.no_grad():
+        got = flex(ids, position_ids=pos, use_cache=False).logits[0]
+    torch.testing.assert_close(got, expect, atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma2", "gpt_oss", "gpt2"])
+def test_flattening_collator_cu_seqlens_equal_separate_documents(model_type):
+    from transformers import DataCollatorWithFlattening
+
+    ref, flex = make_pair(model_type)
+    docs = _docs(seed=11)
+    collator = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_position_ids=True)
+    batch = collator([{"input_ids": d.tolist()} for d in docs])
+    assert "cu_seq_lens_q" in batch
+    batch.pop("labels", None)
+    expect = _separate_logits(ref, docs)
+    with torch.no_grad():
+        got = flex(**batch, use_cache=False).logits[0]
+    torch.testing.assert_close(got, expect, atol=2e-4, rtol=0)
+    # the same with cu_seq_lens only (position_ids left as a plain arange): still separated
+    calls = {}
+    orig = integ._document_mask
+
+    def spy(source, kind, *a, **k):
+        calls[kind] = calls.get(kind, 0) + 1
+        return orig(source, kind, *a, **k)
+
+    integ._document_mask = spy
+    try:
+        with torch.no_grad():
+            flex(
+                input_ids=batch["input_ids"],
+                cu_seq_lens_q=batch["cu_seq_lens_q"],
+                cu_seq_lens_k=batch["cu_seq_lens_k"],
+                max_length_q=batch["max_length_q"],
+                max_length_k=batch["max_length_k"],
+                position_ids=batch["position_ids"],
+                use_cache=False,
+            )
+    finally:
+        integ._document_mask = orig
+    assert calls.get("cu", 0) >= 1
+
+
+# --------------------------------------------------------------------------------------------
+# misc
+# --------------------------------------------------------------------------------------------
+def test_save_and_load_keeps_flex(tmp_path):
+    ref, flex = make_pair("qwen2")
+    flex.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="flex").eval()
+    assert loaded.config._attn_implementation == "flex"
+    ids, am = left_padded_batch()
+    with torch.no_grad():
+        expect = ref(ids, attention_mask=am).logits
+        got = loaded(ids, attention_mask=am).logits
+    valid = am.bool()
+    torch.testing.assert_close(got[valid], expect[valid], atol=2e-4, rtol=0)
+
+
+def test_dropout_while_training_is_refused():
+    config = tiny_config("llama")
+    config.attention_dropout = 0.1
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="flex")
+    ids, am = left_padded_batch()
+    model.train()
+    with pytest.raises(ValueError, match="dropout"):
+        model(ids, attention_mask=am)
+    model.eval()
+    model(ids, attention_mask=am)  # dropout is not applied in eval: accepted
+
+
+def test_attention_function_shapes_gqa_and_unknown_kwargs():
+    torch.manual_seed(0)
+    q = torch.randn(2, 6, 5, 16, dtype=torch.float64)
+    k = torch.randn(2, 2, 9, 16, dtype=torch.float64)
+    v = torch.randn(2, 2, 9, 8, dtype=torch.float64)
+    bm = integ.flex_mask(2, 5, 9, q_offset=4)
+    out, weights = integ.flex_attention_forward(None, q, k, v, bm, scaling=0.3, something_unknown=1)
+    assert weights is None and out.shape == (2, 5, 6, 8) and out.is_contiguous()
+    kk, vv = k.repeat_interleave(3, 1), v.repeat_interleave(3, 1)
+    s = (q @ kk.transpose(-1, -2)) * 0.3
+    allowed = torch.arange(9)[None, :] <= torch.arange(5)[:, None] + 4
+    s = s.masked_fill(~allowed, float("-inf"))
+    expect = (s.softmax(-1) @ vv).transpose(1, 2)
+    torch.testing.assert_close(out, expect, atol=1e-10, rtol=0)
+
+
+def test_sinks_fold_into_normaliser_with_gradients():
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 6, 16, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 6, 16, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 6, 16, dtype=torch.float64, requires_grad=True)
+    sinks = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    bm = integ.flex_mask(1, 6, 6)
+    out, _ = integ.flex_attention_forward(
+        None, q, k, v, bm, scaling=0.25, s_aux=sinks, sliding_window=None
+    )
+    s = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.25
+    s = s.masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), float("-inf"))
+    logits = torch.cat([s, sinks.view(1, 4, 1, 1).expand(1, 4, 6, 1)], -1)
+    p = logits.softmax(-1)[..., :-1]
+    expect = (p @ v.repeat_interleave(2, 1)).transpose(1, 2)
+    torch.testing.assert_close(out, expect, atol=1e-10, rtol=0)
+    w = torch.randn_like(expect)
+    g1 = torch.autograd.grad((out * w).sum(), (q, k, v, sinks))
+    g2 = torch.autograd.grad((expect * w).sum(), (q, k, v, sinks))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
