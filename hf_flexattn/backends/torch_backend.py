@@ -15,7 +15,8 @@ differentiates ``score_mod`` with :func:`torch.autograd.grad` on the tile, which
 routes gradients to tensors captured by ``score_mod`` that require grad.
 
 Accumulation is fp32 (fp64 for fp64 inputs); the returned ``lse`` is natural-log and fp32
-(fp64 for fp64 inputs, as torch's flex_attention); rows that see nothing give output 0, lse ``-inf`` and zero gradients.
+(fp64 for fp64 inputs, as torch's flex_attention); rows that see nothing give output 0,
+lse ``-inf`` and zero gradients.
 """
 
 from __future__ import annotations
