@@ -43,14 +43,18 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hf-flexattn`` console script."""
     import hf_flexattn
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # everything after `bench` belongs to the benchmark's parser
+        from hf_flexattn import bench
+
+        return bench.main(argv[1:])
     parser = argparse.ArgumentParser(prog="hf-flexattn", description=__doc__)
     parser.add_argument("--version", action="version",
                         version=f"hf-flexattn {hf_flexattn.__version__}")
     sub = parser.add_subparsers(dest="cmd")
     p_info = sub.add_parser("info", help="versions, device and the backend that auto picks")
     p_info.add_argument("--json", action="store_true", help="print JSON")
-    p_bench = sub.add_parser("bench", help="benchmark kernels (see hf_flexattn.bench)")
-    p_bench.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("bench", help="benchmark kernels: `hf-flexattn bench --help`")
     args = parser.parse_args(argv)
     if args.cmd == "info":
         info = _info()
@@ -61,9 +65,5 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in info.items():
                 print(f"{k:<{width}}  {v}")
         return 0
-    if args.cmd == "bench":
-        from hf_flexattn import bench
-
-        return bench.main(args.rest)
     parser.print_help(sys.stderr)
     return 2
