@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         from hf_flexattn import bench
 
         return bench.main(argv[1:])
+    if argv[:1] == ["bench-e2e"]:
+        from hf_flexattn import bench_e2e
+
+        return bench_e2e.main(argv[1:])
     parser = argparse.ArgumentParser(prog="hf-flexattn", description=__doc__)
     parser.add_argument("--version", action="version",
                         version=f"hf-flexattn {hf_flexattn.__version__}")
@@ -55,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p_info = sub.add_parser("info", help="versions, device and the backend that auto picks")
     p_info.add_argument("--json", action="store_true", help="print JSON")
     sub.add_parser("bench", help="benchmark kernels: `hf-flexattn bench --help`")
+    sub.add_parser("bench-e2e", help="training step + generate: `hf-flexattn bench-e2e --help`")
     args = parser.parse_args(argv)
     if args.cmd == "info":
         info = _info()

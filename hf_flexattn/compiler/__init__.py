@@ -66,8 +66,10 @@ class _Compiled:
         self.tr = tr
         self.paths = paths  # per used slot, or None: look tensors up by tracing again
         self.refs = refs  # objects in the structural key by identity (kept alive)
-        live = tr.graph.live((tr.out,))
-        self.used = sorted({tr.graph[i].attr[0] for i in live if tr.graph[i].op == "load"})
+        self.used = _used_slots(tr)
+        # slots whose tensors are looked up again: the used ones, and those whose shape the
+        # mod read (baked into the code: the shape must match to reuse the trace)
+        self.lookup = sorted(set(self.used) | {s for s, i in enumerate(tr.slots) if i.shape_read})
         self.signature = tr.graph.signature((tr.out,))
         self._bwd: dict[frozenset, tuple] = {}
         self.lock = threading.Lock()
@@ -75,8 +77,8 @@ class _Compiled:
     def resolve(self, fn: Any) -> list[Tensor] | None:
         if self.paths is None:
             return None
-        out = []
-        for s, path in zip(self.used, self.paths):
+        out = {}
+        for s, path in zip(self.lookup, self.paths):
             try:
                 t = resolve_path(fn, path)
             except (AttributeError, KeyError, IndexError, ValueError, TypeError):
@@ -86,14 +88,13 @@ class _Compiled:
                 return None
             if info.shape_read and tuple(t.shape) != info.shape:
                 return None
-            out.append(t)
-        return out
+            out[s] = t
+        return [out[s] for s in self.used]
 
     def backward(self, grad_slots: frozenset) -> tuple:
         with self.lock:
             if grad_slots not in self._bwd:
-                self._bwd[grad_slots] = build_backward(self.tr.graph, self.tr.out,
-                                                       set(grad_slots))
+                self._bwd[grad_slots] = build_backward(self.tr.graph, self.tr.out, set(grad_slots))
             return self._bwd[grad_slots]
 
 
@@ -131,8 +132,11 @@ class ModCode:
 
     def grad_buffers(self) -> list[Tensor]:
         """Fresh zero fp32 buffers for :attr:`grad_params` (one per tensor needing grad)."""
-        return [torch.zeros(t.shape, dtype=torch.float32, device=t.device)
-                for t, s in zip(self.captured, self.specs) if s.needs_grad]
+        return [
+            torch.zeros(t.shape, dtype=torch.float32, device=t.device)
+            for t, s in zip(self.captured, self.specs)
+            if s.needs_grad
+        ]
 
     # -------------------------------------------------------------- code
     def _slot_params(self) -> list[SlotParams | None]:
@@ -150,8 +154,17 @@ class ModCode:
             )
         return sp
 
-    def fwd_body(self, *, out: str, score: str | None = None, b: str, h: str, q: str, kv: str,
-                 indent: str = "") -> str:
+    def fwd_body(
+        self,
+        *,
+        out: str,
+        score: str | None = None,
+        b: str,
+        h: str,
+        q: str,
+        kv: str,
+        indent: str = "",
+    ) -> str:
         """Triton statements assigning ``out``.
 
         ``out``: fp32 ``[BM, BN]`` for score mods, int1 ``[BM, BN]`` for mask mods, from
@@ -168,8 +181,19 @@ class ModCode:
         em.assign_full(out, tr.out, lt, qn, kvn)
         return em.text()
 
-    def bwd_body(self, *, grad_score: str, grad_out: str, score: str, b: str, h: str, q: str,
-                 kv: str, valid: str, indent: str = "") -> str:
+    def bwd_body(
+        self,
+        *,
+        grad_score: str,
+        grad_out: str,
+        score: str,
+        b: str,
+        h: str,
+        q: str,
+        kv: str,
+        valid: str,
+        indent: str = "",
+    ) -> str:
         """Triton statements for the backward of a score mod.
 
         Assigns ``grad_score`` = d(out)/d(score) * ``grad_out`` (fp32 ``[BM, BN]``) and
@@ -212,10 +236,19 @@ class ModCode:
         return em, qn, kvn
 
     def __repr__(self) -> str:
-        body = self.fwd_body(out="out", score="score" if self.kind == "score" else None,
-                             b="b", h="h", q="q", kv="kv", indent="    ")
-        return (f"ModCode(kind={self.kind!r}, name={self.name!r}, params={self.params}, "
-                f"grad_params={self.grad_params})\n{body}")
+        body = self.fwd_body(
+            out="out",
+            score="score" if self.kind == "score" else None,
+            b="b",
+            h="h",
+            q="q",
+            kv="kv",
+            indent="    ",
+        )
+        return (
+            f"ModCode(kind={self.kind!r}, name={self.name!r}, params={self.params}, "
+            f"grad_params={self.grad_params})\n{body}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,6 +275,11 @@ def clear_cache() -> None:
     """Forget every cached trace (statistics are kept)."""
     with _LOCK:
         _CACHE.clear()
+
+
+def _used_slots(tr: TraceResult) -> list[int]:
+    g = tr.graph
+    return sorted({g[i].attr[0] for i in g.live((tr.out,)) if g[i].op == "load"})
 
 
 def _is_large(t: Tensor) -> bool:
@@ -286,16 +324,18 @@ def compile_mod(fn: Any, kind: str, *, prefix: str) -> ModCode:
         refs: list[Any] = []
         if st is not None:
             refs = st[2]
-            live = tr.graph.live((tr.out,))
-            used = sorted({tr.graph[i].attr[0] for i in live if tr.graph[i].op == "load"})
-            found = [st[1].get(id(tr.tensors[s])) for s in used]
+            lookup = sorted(
+                set(_used_slots(tr)) | {s for s, i in enumerate(tr.slots) if i.shape_read}
+            )
+            found = [st[1].get(id(tr.tensors[s])) for s in lookup]
             if all(p is not None for p in found):
                 paths = found  # type: ignore[assignment]
         entry = _Compiled(tr, paths, refs)
         if paths is None or skey is None:
             _STATS["uncacheable"] += 1
-            logger.debug("%s_mod %s: captured tensors not reachable by path; not cached",
-                         kind, tr.name)
+            logger.debug(
+                "%s_mod %s: captured tensors not reachable by path; not cached", kind, tr.name
+            )
         else:
             with _LOCK:
                 _CACHE[skey] = entry
@@ -321,8 +361,17 @@ def compile_mod(fn: Any, kind: str, *, prefix: str) -> ModCode:
         if spec.needs_grad:
             grad_params.append(f"{prefix}g{k}_ptr")
     key = (kind, prefix, entry.signature, tuple(specs))
-    return ModCode(kind=kind, key=key, captured=list(tensors), specs=specs, params=params,
-                   grad_params=grad_params, name=entry.tr.name, prefix=prefix, _c=entry)
+    return ModCode(
+        kind=kind,
+        key=key,
+        captured=list(tensors),
+        specs=specs,
+        params=params,
+        grad_params=grad_params,
+        name=entry.tr.name,
+        prefix=prefix,
+        _c=entry,
+    )
 
 
 def explain(fn: Any, kind: str) -> str:
@@ -332,12 +381,30 @@ def explain(fn: Any, kind: str) -> str:
     lines = [f"# {kind}_mod {mc.name}", f"# kernel params: {', '.join(mc.params) or '-'}"]
     lines.append(f"# interpreter lowering: {interpreting()}")
     lines.append("# forward")
-    lines.append(mc.fwd_body(out="out", score="score" if kind == "score" else None, b="b",
-                             h="h", q="q", kv="kv", indent=""))
+    lines.append(
+        mc.fwd_body(
+            out="out",
+            score="score" if kind == "score" else None,
+            b="b",
+            h="h",
+            q="q",
+            kv="kv",
+            indent="",
+        )
+    )
     if kind == "score":
         lines.append(f"# backward (grad params: {', '.join(mc.grad_params) or '-'})")
-        lines.append(mc.bwd_body(grad_score="grad_score", grad_out="grad_out", score="score",
-                                 b="b", h="h", q="q", kv="kv", valid="valid", indent=""))
+        lines.append(
+            mc.bwd_body(
+                grad_score="grad_score",
+                grad_out="grad_out",
+                score="score",
+                b="b",
+                h="h",
+                q="q",
+                kv="kv",
+                valid="valid",
+                indent="",
+            )
+        )
     return "\n".join(lines)
-
-

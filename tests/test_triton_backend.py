@@ -1,0 +1,436 @@
+"""Triton backend against the float64 dense reference (error-ratio tolerance).
+
+``interpreter`` tests run the kernels in Triton's interpreter on CPU tensors (small shapes);
+``cuda`` tests run larger bf16/fp16 shapes on a GPU. Mods are compiled by
+``hf_flexattn.compiler`` when it is importable; otherwise the hand-written ModCode stand-ins
+below (same interface) are used for the test mods of this file.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from hf_flexattn.kernels import _render  # noqa: E402
+from reference import assert_close_by_ratio, reference_attention  # noqa: E402
+
+from hf_flexattn.api import flex_attention  # noqa: E402
+from hf_flexattn.backends import triton_backend as tb  # noqa: E402
+from hf_flexattn.block_mask import create_block_mask, noop_mask  # noqa: E402
+
+try:
+    from hf_flexattn.compiler import compile_mod as _real_compile  # noqa: F401
+
+    HAVE_COMPILER = True
+except ImportError:
+    HAVE_COMPILER = False
+# HF_FLEXATTN_TEST_STANDINS=1 forces the stand-ins (isolates the kernels from the compiler)
+USE_STANDINS = not HAVE_COMPILER or os.environ.get("HF_FLEXATTN_TEST_STANDINS") == "1"
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
+TRITON = {"backend": "triton"}
+
+
+# ------------------------------------------------------------------ test mods + stand-ins
+class _Code(_render.NoScoreMod):
+    """Minimal hand-written ModCode (used only while hf_flexattn.compiler is absent)."""
+
+    def __init__(self, kind, key, fwd, bwd=None, captured=(), needs_grad=(), prefix="sm_"):
+        self.kind, self.key = kind, key
+        self._fwd, self._bwd = fwd, bwd
+        self.captured = list(captured)
+        self.params = [f"{prefix}c{i}_{n}" for i in range(len(captured)) for n in ("p", "s", "n")]
+        self.grad_params = [f"{prefix}g{i}" for i, g in enumerate(needs_grad) if g]
+
+        class Spec:
+            def __init__(self, g):
+                self.needs_grad = g
+
+        self.specs = [Spec(g) for g in needs_grad] or [Spec(False) for _ in captured]
+
+    def runtime_args(self):
+        return [x for t in self.captured for x in (t, t.stride(0), t.shape[0])]
+
+    def fwd_body(self, *, out, score, b, h, q, kv, indent):
+        return "".join(f"{indent}{line}\n" for line in self._fwd(out, score, b, h, q, kv))
+
+    def bwd_body(self, *, grad_score, grad_out, score, b, h, q, kv, valid, indent):
+        lines = self._bwd(grad_score, grad_out, score, b, h, q, kv, valid)
+        return "".join(f"{indent}{line}\n" for line in lines)
+
+
+def causal(offset: int = 0):
+    def causal_mask(b, h, q_idx, kv_idx):
+        return q_idx + offset >= kv_idx
+
+    causal_mask.standin = lambda: _Code(
+        "mask", ("causal", offset), lambda o, s, b, h, q, kv: [f"{o} = {q} + {offset} >= {kv}"]
+    )
+    return causal_mask
+
+
+def holes(b, h, q_idx, kv_idx):
+    # q-block 1 (rows 16..31) sees nothing; rows q % 7 == 3 see nothing
+    return (q_idx >= kv_idx) & (q_idx // 16 != 1) & (q_idx % 7 != 3)
+
+
+holes.standin = lambda: _Code(
+    "mask",
+    ("holes",),
+    lambda o, s, b, h, q, kv: [f"{o} = ({q} >= {kv}) & ({q} // 16 != 1) & ({q} % 7 != 3)"],
+)
+
+
+def key_padding(lengths: torch.Tensor):
+    def pad(b, h, q_idx, kv_idx):
+        return kv_idx < lengths[b]
+
+    pad.standin = lambda: _Code(
+        "mask",
+        ("pad",),
+        lambda o, s, b, h, q, kv: [
+            f"{o} = {kv} < tl.load(mm_c0_p + {b} * mm_c0_s, mask={b} < mm_c0_n, other=0)"
+        ],
+        captured=[lengths],
+        prefix="mm_",
+    )
+    return pad
+
+
+def head_slope(slope: torch.Tensor):
+    """Learnable ALiBi-like bias: ``score + slope[h] * (kv_idx - q_idx)``."""
+
+    def slope_mod(score, b, h, q_idx, kv_idx):
+        return score + slope[h] * (kv_idx - q_idx)
+
+    def fwd(o, s, b, h, q, kv):
+        return [
+            f"{o} = {s} + tl.load(sm_c0_p + {h} * sm_c0_s, mask={h} < sm_c0_n, other=0.0)"
+            f" * ({kv} - {q}).to(tl.float32)"
+        ]
+
+    def bwd(gs, go, s, b, h, q, kv, valid):
+        return [
+            f"{gs} = {go}",
+            f"_t = tl.where({valid}, {go} * ({kv} - {q}).to(tl.float32), 0.0)",
+            f"tl.atomic_add(sm_g0 + {h}, tl.sum(tl.sum(_t, 1), 0))",
+        ]
+
+    slope_mod.standin = lambda: _Code(
+        "score",
+        ("slope", slope.dtype, slope.requires_grad),
+        fwd,
+        bwd,
+        captured=[slope],
+        needs_grad=[slope.requires_grad],
+    )
+    return slope_mod
+
+
+def _standin_hook(fn, kind, prefix):
+    make = getattr(fn, "standin", None)
+    if make is None:
+        pytest.skip(f"no ModCode stand-in for {fn!r} and hf_flexattn.compiler is absent")
+    return make()
+
+
+@pytest.fixture(autouse=True)
+def _compiler(monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("HF_FLEXATTN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "kc"))
+    if USE_STANDINS:
+        monkeypatch.setattr(tb, "compile_mod_hook", _standin_hook)
+
+
+# ------------------------------------------------------------------ checking helper
+def _run_case(
+    B,
+    Hq,
+    Hkv,
+    L,
+    S,
+    E,
+    Ev,
+    *,
+    dtype=torch.float32,
+    score_mod=None,
+    mask_mod=None,
+    params=(),
+    block=(16, 16),
+    mask_bh=(None, None),
+    scale=None,
+    grads=True,
+    kernel_options=None,
+    seed=0,
+):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, L, E, generator=g).to(DEV, dtype).requires_grad_(grads)
+    k = torch.randn(B, Hkv, S, E, generator=g).to(DEV, dtype).requires_grad_(grads)
+    v = torch.randn(B, Hkv, S, Ev, generator=g).to(DEV, dtype).requires_grad_(grads)
+    bm = create_block_mask(
+        mask_mod or noop_mask, mask_bh[0], mask_bh[1], L, S, device=DEV, BLOCK_SIZE=block
+    )
+    opts = dict(TRITON, **(kernel_options or {}))
+    out, lse = flex_attention(
+        q,
+        k,
+        v,
+        score_mod,
+        bm,
+        scale=scale,
+        enable_gqa=Hq != Hkv,
+        return_lse=True,
+        kernel_options=opts,
+    )
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert out.shape == (B, Hq, L, Ev) and lse.shape == (B, Hq, L)
+
+    def ref(cdt):
+        return reference_attention(
+            q, k, v, score_mod, mask_mod, scale, Hq != Hkv, compute_dtype=cdt
+        )
+
+    r_out, r_lse = ref(torch.float64)
+    b_out, b_lse = ref(dtype)
+    assert_close_by_ratio(out, r_out, b_out, "out")
+    assert_close_by_ratio(lse, r_lse, b_lse, "lse")
+    if not grads:
+        return out, lse
+    dout = torch.randn(out.shape, generator=g).to(DEV, dtype)
+    inputs = [q, k, v, *params]
+    got = torch.autograd.grad(out, inputs, dout)
+    want = torch.autograd.grad(r_out, inputs, dout.double())
+    base = torch.autograd.grad(b_out, inputs, dout)
+    for name, a, r, bb in zip(
+        ["dq", "dk", "dv"] + [f"dparam{i}" for i in range(len(params))], got, want, base
+    ):
+        assert not torch.isnan(a).any(), name
+        assert_close_by_ratio(a.to(bb.dtype), r, bb, name)
+    return out, lse
+
+
+pytestmark = pytest.mark.interpreter
+
+
+# ------------------------------------------------------------------ tests
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_causal_ragged_gqa(dtype):
+    _run_case(2, 4, 2, 37, 37, 16, 16, dtype=dtype, mask_mod=causal())
+
+
+def test_no_mask_cross_ev_ne_e():
+    # L != S, Ev > E, full tiles only (score_mod None, noop mask)
+    _run_case(1, 2, 2, 24, 56, 16, 48)
+
+
+def test_learnable_capture_grad_and_partial_tiles():
+    slope = torch.tensor([0.05, -0.02, 0.1, 0.03], device=DEV, requires_grad=True)
+    _run_case(
+        1,
+        4,
+        2,
+        50,
+        50,
+        16,
+        16,
+        score_mod=head_slope(slope),
+        mask_mod=causal(),
+        params=[slope],
+        block=(32, 16),
+    )
+
+
+def test_fully_masked_rows_zero_out_neg_inf_lse():
+    out, lse = _run_case(1, 2, 2, 64, 64, 16, 16, mask_mod=holes)
+    rows = torch.tensor([r for r in range(64) if r // 16 == 1 or r % 7 == 3], device=DEV)
+    assert (out[:, :, rows] == 0).all()
+    assert torch.isneginf(lse[:, :, rows]).all()
+
+
+def test_mask_per_batch_with_capture_and_empty_batch():
+    lengths = torch.tensor([0, 30], device=DEV)
+    _run_case(2, 2, 2, 20, 37, 16, 16, mask_mod=key_padding(lengths), mask_bh=(2, None))
+
+
+def test_head_dim_80_non_pow2():
+    _run_case(1, 2, 2, 40, 40, 80, 80, mask_mod=causal(), block=(32, 32))
+
+
+@pytest.mark.parametrize("L", [1, 5, 16])
+def test_decode_shapes(L):
+    S = 300
+    _run_case(1, 6, 2, L, S, 32, 32, mask_mod=causal(S - L), block=(128, 128))
+
+
+def test_mask_broadcast_heads_and_kernel_options_small_tiles():
+    # mask H=Hq explicit, tiles smaller than the sparse blocks (sub-tiling)
+    _run_case(
+        1,
+        2,
+        2,
+        70,
+        70,
+        16,
+        16,
+        mask_mod=causal(),
+        mask_bh=(None, 2),
+        block=(64, 64),
+        kernel_options={"BLOCK_M": 16, "BLOCK_N": 32, "bwd_BLOCK_M": 16, "bwd_BLOCK_N": 16},
+    )
+
+
+def test_strided_inputs():
+    # q/k/v as transposed views of [B, L, H, D] (BSHD layout)
+    g = torch.Generator().manual_seed(1)
+    B, H, L, E = 1, 2, 33, 16
+    q = torch.randn(B, L, H, E, generator=g).to(DEV).transpose(1, 2)
+    k = torch.randn(B, L, H, E, generator=g).to(DEV).transpose(1, 2)
+    v = torch.randn(B, L, H, E, generator=g).to(DEV).transpose(1, 2)
+    bm = create_block_mask(causal(), None, None, L, L, device=DEV, BLOCK_SIZE=(16, 16))
+    out = flex_attention(q, k, v, block_mask=bm, kernel_options=TRITON)
+    r, _ = reference_attention(q, k, v, mask_mod=causal())
+    b, _ = reference_attention(q, k, v, mask_mod=causal(), compute_dtype=torch.float32)
+    assert_close_by_ratio(out, r, b, "out")
+
+
+def test_same_structure_compiles_once():
+    def run(slope_vals, offset):
+        slope = torch.tensor(slope_vals, device=DEV)
+        q = torch.randn(1, 2, 20, 16, device=DEV)
+        bm = create_block_mask(causal(offset), None, None, 20, 20, device=DEV, BLOCK_SIZE=(16, 16))
+        return flex_attention(q, q, q, head_slope(slope), bm, kernel_options=TRITON)
+
+    run([0.1, 0.2], 0)
+    n = _render.render_count("flex_fwd")
+    run([0.3, -0.1], 0)  # new closures, same code and structure
+    assert _render.render_count("flex_fwd") == n
+
+
+def test_block_size_not_multiple_of_16_is_rejected():
+    q = torch.randn(1, 1, 24, 16, device=DEV)
+    bm = create_block_mask(causal(), None, None, 24, 24, device=DEV, BLOCK_SIZE=(8, 8))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        flex_attention(q, q, q, block_mask=bm, kernel_options=TRITON)
+
+
+# ------------------------------------------------------------------ zoo (real compiler only)
+def _zoo_cases():
+    try:
+        from zoo import ZOO
+    except ImportError:  # pragma: no cover
+        return []
+    return ZOO
+
+
+@pytest.mark.parametrize("case", _zoo_cases(), ids=lambda c: c.name)
+def test_zoo(case):
+    if USE_STANDINS:
+        pytest.skip("needs hf_flexattn.compiler")
+    from zoo import make_block_mask
+
+    score_mod, mask_mod, params = case.build(torch.device(DEV))
+    g = torch.Generator().manual_seed(0)
+    dtype = torch.float32
+    q = torch.randn(case.B, case.Hq, case.L, case.E, generator=g).to(DEV, dtype)
+    k = torch.randn(case.B, case.Hkv, case.S, case.E, generator=g).to(DEV, dtype)
+    v = torch.randn(case.B, case.Hkv, case.S, case.Ev, generator=g).to(DEV, dtype)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    bm = make_block_mask(case, mask_mod, DEV)
+    out, lse = flex_attention(
+        q,
+        k,
+        v,
+        score_mod,
+        bm,
+        scale=case.scale,
+        enable_gqa=case.gqa,
+        return_lse=True,
+        kernel_options=TRITON,
+    )
+    r_out, r_lse = reference_attention(q, k, v, score_mod, mask_mod, case.scale, case.gqa)
+    b_out, b_lse = reference_attention(
+        q, k, v, score_mod, mask_mod, case.scale, case.gqa, compute_dtype=dtype
+    )
+    assert_close_by_ratio(out, r_out, b_out, "out")
+    assert_close_by_ratio(lse, r_lse, b_lse, "lse")
+    dout = torch.randn(out.shape, generator=g).to(DEV, dtype)
+    inputs = [q, k, v, *params]
+    got = torch.autograd.grad(out, inputs, dout)
+    want = torch.autograd.grad(r_out, inputs, dout.double())
+    base = torch.autograd.grad(b_out, inputs, dout)
+    for i, (a, r, bb) in enumerate(zip(got, want, base)):
+        assert_close_by_ratio(a, r, bb, f"grad{i}")
+
+
+# ------------------------------------------------------------------ torch.compile
+def test_torch_compile_fullgraph_matches_eager():
+    slope = torch.tensor([0.05, -0.02], device=DEV, requires_grad=True)
+    sm = head_slope(slope)
+    bm = create_block_mask(causal(), None, None, 24, 24, device=DEV, BLOCK_SIZE=(16, 16))
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 24, 16, generator=g).to(DEV).requires_grad_() for _ in "qkv")
+
+    def f(q, k, v):
+        return flex_attention(q, k, v, sm, bm, kernel_options=TRITON)
+
+    eager = f(q, k, v)
+    ge = torch.autograd.grad(eager.sum(), [q, k, v, slope])
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    gc = torch.autograd.grad(compiled.sum(), [q, k, v, slope])
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------ CUDA (device machine)
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128])
+def test_cuda_large_causal_gqa(dtype, D):
+    L = 1024 + 37
+    slope = torch.tensor([0.01 * (i + 1) for i in range(8)], device=DEV, requires_grad=True)
+    _run_case(
+        2,
+        8,
+        2,
+        L,
+        L,
+        D,
+        D,
+        dtype=dtype,
+        mask_mod=causal(),
+        score_mod=head_slope(slope),
+        params=[slope],
+        block=(128, 128),
+    )
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_decode_and_head_dims(dtype):
+    for L, E, Ev in ((1, 128, 128), (16, 64, 64), (300, 80, 80), (300, 96, 64), (200, 256, 256)):
+        S = 2048 + 5
+        _run_case(
+            1,
+            8,
+            2,
+            L,
+            S,
+            E,
+            Ev,
+            dtype=dtype,
+            mask_mod=causal(S - L),
+            block=(128, 128),
+            grads=L > 16,
+        )
+
+
+@pytest.mark.cuda
+def test_cuda_fp32_exact_products():
+    _run_case(1, 4, 4, 300, 300, 64, 64, dtype=torch.float32, mask_mod=causal(), block=(128, 128))
