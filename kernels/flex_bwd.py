@@ -1,22 +1,40 @@
-"""Backward kernels: delta pre-pass, dK/dV per kv tile, dQ per q tile (no atomics for dQ).
+"""Backward kernels: delta pre-pass, dK/dV per kv tile (transposed), dQ per q tile.
 
-* ``delta = rowsum(dO * O) - dLSE`` (fp32 ``[B, Hq, L]``), a plain Triton kernel.
+* Pre-pass: ``delta = rowsum(dO * O) - dLSE`` and ``lse2 = lse * log2(e)`` (0 where
+  ``lse = -inf``), both fp32 ``[B, Hq, LP]`` with ``LP = cdiv(L, Q_BLOCK) * Q_BLOCK``; rows
+  ``>= L`` hold 0, so the main kernels read them without masks.
 * dK/dV: grid ``(cdiv(S, BLOCK_N), B * Hkv)``. A program owns ``BLOCK_N`` kv rows of one sparse
   kv-block and walks the q-side lists (``q_num_blocks/q_indices``: partial, mask_mod applied;
-  ``full_q_*``: full) for every q head of its GQA group, so dK/dV need no atomics.
+  ``full_q_*``: full) for every q head of its GQA group, so dK/dV need no atomics. It works in
+  the TRANSPOSED orientation: ``sT = k @ qT`` is ``[BLOCK_N, BLOCK_M]`` (q loaded as
+  ``qT [E_PAD, BLOCK_M]``), ``pT = exp2(sT * log2e - lse2)``, ``dv += pT @ dO``,
+  ``dpT = v @ dO^T``, ``dsT = pT * (dpT - delta)``, ``dk += dsT @ q``: no register-held tile
+  is ever transposed (on Hopper that costs a shared-memory round trip). The mods' code is
+  emitted for that orientation (``transposed=True``: ``q_idx [1, BM]``, ``kv_idx [BN, 1]``).
   Gradients of tensors captured by score_mod are accumulated here (atomic adds inside the
   mod's ``bwd_body``, into fp32 buffers).
-* dQ: grid ``(cdiv(L, BLOCK_M), B * Hq)``, walks the kv-side lists like the forward.
+* dQ: grid ``(cdiv(L, BLOCK_M), B * Hq)``, walks the kv-side lists like the forward, with
+  ``kT``/``vT`` loaded transposed from memory (``s = q @ kT``, ``dp = dO @ vT``,
+  ``dq += dS @ kT^T``). Its copy of the mod's backward has the capture atomics stripped.
 
 Both recompute ``P = exp(score_mod(q.k * scale) - lse)`` per tile; ``dS = P * (dP - delta)``
 is passed through the score_mod's backward (``bwd_body``) to get the gradient of the raw
 scaled score. Rows that saw nothing (``lse = -inf``) and positions outside ``L``/``S`` or
 masked out contribute exactly zero.
+
+Constexpr fast paths: ``EVEN_M``/``EVEN_N`` (every row/column a kernel touches lies inside
+``L``/``S``) and ``EVEN_D`` (head dims are powers of two >= 16) drop the bounds masks of loads,
+stores and of the full tiles' ``where``.
+
+The two kernels have separate block configs (:class:`BwdConfig`): dK/dV wants a small
+``BLOCK_M`` and a big ``BLOCK_N``, dQ the opposite.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+from dataclasses import dataclass
 from string import Template
 from typing import Any
 
@@ -30,6 +48,7 @@ from .flex_fwd import (
     LN2,
     LOG2E,
     FwdConfig,
+    choose_config,
     dot_precision,
     index_args,
     needs_int64,
@@ -37,15 +56,25 @@ from .flex_fwd import (
     render_params,
 )
 
-__all__ = ["default_bwd_config", "get_kernels", "launch_bwd"]
+__all__ = ["BwdConfig", "choose_bwd_config", "default_bwd_config", "get_kernels", "launch_bwd"]
+
+
+@dataclass(frozen=True)
+class BwdConfig:
+    """Block configs of the two backward kernels (``BLOCK_M``: q rows, ``BLOCK_N``: kv rows)."""
+
+    dkdv: FwdConfig
+    dq: FwdConfig
 
 
 @triton.jit
-def flex_bwd_delta_kernel(
+def flex_bwd_pre_kernel(
     O,
     DO,
+    LSE,
     DLSE,
     DELTA,
+    LSE2,
     s_ob,
     s_oh,
     s_om,
@@ -56,6 +85,7 @@ def flex_bwd_delta_kernel(
     s_dd,
     H,
     L,
+    LP,
     EV,
     HAS_DLSE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -79,33 +109,78 @@ def flex_bwd_delta_kernel(
         other=0.0,
     ).to(tl.float32)
     delta = tl.sum(o * do, 1)
-    base = pid_bh.to(tl.int64) * L
+    src = pid_bh.to(tl.int64) * L
     if HAS_DLSE:
-        dlse = tl.load(DLSE + base + offs_m, mask=m_ok, other=0.0)
+        dlse = tl.load(DLSE + src + offs_m, mask=m_ok, other=0.0)
         delta = delta - dlse
-    tl.store(DELTA + base + offs_m, delta, mask=m_ok)
+    lse = tl.load(LSE + src + offs_m, mask=m_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    dst = pid_bh.to(tl.int64) * LP
+    p_ok = offs_m < LP
+    tl.store(DELTA + dst + offs_m, tl.where(m_ok, delta, 0.0), mask=p_ok)
+    tl.store(LSE2 + dst + offs_m, tl.where(m_ok, lse2, 0.0), mask=p_ok)
 
 
 def default_bwd_config(
     capability: tuple[int, int] | None, dtype: torch.dtype, head_dim: int
-) -> FwdConfig:
-    """Backward block sizes (shared by the dK/dV and dQ kernels); None = interpreter."""
+) -> BwdConfig:
+    """Backward block configs per (GPU capability, dtype, padded head dim); None = interpreter.
+
+    ``dkdv``: ``BLOCK_M`` = q rows per step, ``BLOCK_N`` = kv rows per program;
+    ``dq``: ``BLOCK_M`` = q rows per program, ``BLOCK_N`` = kv rows per step.
+    """
     if capability is None:
-        return FwdConfig(32, 32, 4, 1)
+        return BwdConfig(FwdConfig(32, 32, 4, 1), FwdConfig(32, 32, 4, 1))
     d = next_pow2(head_dim)
     if dtype == torch.float32:
-        return FwdConfig(32, 32, 4, 1) if d > 64 else FwdConfig(64, 32, 4, 2)
-    if d <= 64:
-        return FwdConfig(64, 64, 4, 2)
-    if d <= 128:
-        return FwdConfig(64, 64, 8, 2) if capability[0] >= 9 else FwdConfig(64, 32, 4, 2)
-    return FwdConfig(32, 32, 4, 1)
+        if d <= 64:
+            return BwdConfig(FwdConfig(32, 64, 4, 2), FwdConfig(64, 32, 4, 2))
+        return BwdConfig(FwdConfig(32, 32, 4, 1), FwdConfig(32, 32, 4, 1))
+    if capability[0] >= 9:
+        if d <= 64:
+            return BwdConfig(FwdConfig(64, 128, 4, 3), FwdConfig(128, 64, 4, 3))
+        if d <= 128:
+            return BwdConfig(FwdConfig(64, 128, 8, 3), FwdConfig(128, 64, 8, 3))
+        return BwdConfig(FwdConfig(32, 64, 8, 2), FwdConfig(64, 32, 8, 2))
+    if capability[0] >= 8:
+        if d <= 64:
+            return BwdConfig(FwdConfig(64, 64, 4, 2), FwdConfig(64, 64, 4, 2))
+        if d <= 128:
+            return BwdConfig(FwdConfig(32, 64, 4, 2), FwdConfig(64, 32, 4, 2))
+        return BwdConfig(FwdConfig(32, 32, 4, 1), FwdConfig(32, 32, 4, 1))
+    return BwdConfig(FwdConfig(32, 32, 4, 1), FwdConfig(32, 32, 4, 1))
+
+
+def choose_bwd_config(
+    capability: tuple[int, int] | None,
+    dtype: torch.dtype,
+    head_dim: int,
+    q_len: int,
+    q_block: int,
+    kv_block: int,
+    options: dict[str, Any],
+) -> BwdConfig:
+    """Default configs, overridden by ``kernel_options``: ``bwd_BLOCK_M``, ``bwd_BLOCK_N``,
+    ``bwd_num_warps``, ``bwd_num_stages`` for dK/dV and ``bwd_dq_*`` for dQ; block sizes are
+    fitted to the BlockMask's (``BLOCK_M | Q_BLOCK``, ``BLOCK_N | KV_BLOCK``)."""
+    base = default_bwd_config(capability, dtype, head_dim)
+    cfgs = []
+    for prefix, dflt in (("bwd_", base.dkdv), ("bwd_dq_", base.dq)):
+        opts = dict(options)
+        for fld in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"):
+            opts.setdefault(prefix + fld, getattr(dflt, fld))
+        if options.get(prefix + "BLOCK_M") is None:  # short queries: small q tiles
+            opts[prefix + "BLOCK_M"] = min(opts[prefix + "BLOCK_M"], max(16, next_pow2(q_len)))
+        cfgs.append(
+            choose_config(capability, dtype, head_dim, q_len, q_block, kv_block, opts, prefix)
+        )
+    return BwdConfig(*cfgs)
 
 
 _DKDV = """
 @triton.jit
 def flex_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE2, DELTA, DK, DV,
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
@@ -114,12 +189,13 @@ def flex_bwd_dkdv_kernel(
     s_dvb, s_dvh, s_dvn, s_dvd,
     Q_NUM, Q_IDX, s_nb, s_nh, s_nq, s_ib, s_ih, s_iq, s_ik,
     FQ_NUM, FQ_IDX, s_fnb, s_fnh, s_fnq, s_fib, s_fih, s_fiq, s_fik,
-    H, HKV, L, S, GROUP, scale,
+    H, HKV, L, LP, S, GROUP, scale,
 $params
     E: tl.constexpr, EV: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     HAS_FULL: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -139,21 +215,27 @@ $params
     else:
         cols = offs_n
     b64 = b.to(tl.int64)
-    k = tl.load(K + b64 * s_kb + hkv.to(tl.int64) * s_kh + cols[:, None] * s_kn
-                + offs_d[None, :] * s_kd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + b64 * s_vb + hkv.to(tl.int64) * s_vh + cols[:, None] * s_vn
-                + offs_dv[None, :] * s_vd, mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+    k_ptrs = (K + b64 * s_kb + hkv.to(tl.int64) * s_kh + cols[:, None] * s_kn
+              + offs_d[None, :] * s_kd)
+    v_ptrs = (V + b64 * s_vb + hkv.to(tl.int64) * s_vh + cols[:, None] * s_vn
+              + offs_dv[None, :] * s_vd)
+    if EVEN_N and EVEN_D:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     dk = tl.zeros([BLOCK_N, E_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, EV_PAD], dtype=tl.float32)
-    kv_idx = offs_n[None, :]
+    kv_idx = offs_n[:, None]
     for g in range(0, GROUP):
         h = hkv * GROUP + g
         q_base = Q + b64 * s_qb + h.to(tl.int64) * s_qh
         do_base = DO + b64 * s_db + h.to(tl.int64) * s_dh
-        row_base = (b64 * H + h) * L
+        row_base = (b64 * H + h) * LP
         nb = tl.load(Q_NUM + b * s_nb + h * s_nh + kvblk * s_nq)
         idx_base = Q_IDX + b * s_ib + h * s_ih + kvblk * s_iq
 $partial_loop
@@ -164,12 +246,17 @@ $full_loop
     dk = dk * scale
     dk_ptrs = (DK + b64 * s_dkb + hkv.to(tl.int64) * s_dkh + cols[:, None] * s_dkn
                + offs_d[None, :] * s_dkd)
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
     dv_ptrs = (DV + b64 * s_dvb + hkv.to(tl.int64) * s_dvh + cols[:, None] * s_dvn
                + offs_dv[None, :] * s_dvd)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=n_ok[:, None] & dv_ok[None, :])
+    if EVEN_N and EVEN_D:
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty))
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty))
+    else:
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=n_ok[:, None] & dv_ok[None, :])
 """
 
+# transposed orientation: tiles are [BLOCK_N, BLOCK_M]
 _DKDV_LOOP = """
 $I        for it in range(0, nb * SUBS):
 $I            qblk = tl.load(idx_base + (it // SUBS) * $sik)
@@ -180,33 +267,32 @@ $I            if BIG:
 $I                rows = offs_m.to(tl.int64)
 $I            else:
 $I                rows = offs_m
-$I            q = tl.load(q_base + rows[:, None] * s_qm + offs_d[None, :] * s_qd,
-$I                        mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-$I            do = tl.load(do_base + rows[:, None] * s_dm + offs_dv[None, :] * s_dd,
-$I                         mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
+$I            qT_ptrs = q_base + rows[None, :] * s_qm + offs_d[:, None] * s_qd
+$I            do_ptrs = do_base + rows[:, None] * s_dm + offs_dv[None, :] * s_dd
+$I            if EVEN_M and EVEN_D:
+$I                qT = tl.load(qT_ptrs)
+$I                do = tl.load(do_ptrs)
+$I            else:
+$I                qT = tl.load(qT_ptrs, mask=m_ok[None, :] & d_ok[:, None], other=0.0)
+$I                do = tl.load(do_ptrs, mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
 $I            if UPCAST:
-$I                q = q.to(tl.float32)
+$I                qT = qT.to(tl.float32)
 $I                do = do.to(tl.float32)
-$I            lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0)
-$I            lse = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E
-$I            delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
-$I            q_idx = offs_m[:, None]
-$I            qk = tl.dot(q, tl.trans(k)$prec)
-$I            s = qk * scale
-$score_body$I            valid = m_ok[:, None] & n_ok[None, :]
-$mask_part$I            p = tl.exp2(s2 * LOG2E - lse[:, None])
-$I            p = tl.where(valid, p, 0.0)
-$I            dv += tl.dot(tl.trans(p.to(do.dtype)), do$prec)
-$I            dp = tl.dot(do, tl.trans(v)$prec)
-$I            ds = p * (dp - delta[:, None])
-$grad_body$I            gs = tl.where(valid, gs, 0.0)
-$I            dk += tl.dot(tl.trans(gs.to(q.dtype)), q$prec)
+$I            lse2 = tl.load(LSE2 + row_base + offs_m)
+$I            delta = tl.load(DELTA + row_base + offs_m)
+$I            q_idx = offs_m[None, :]
+$I            sT = tl.dot(k, qT$prec) * scale
+$score_body$valid$I            pT = tl.exp2(s2 * LOG2E - lse2[None, :])
+$where_p$I            dv = tl.dot(pT.to(do.dtype), do, dv$prec)
+$I            dpT = tl.dot(v, tl.trans(do)$prec)
+$I            dsT = pT * (dpT - delta[None, :])
+$grad_body$where_gs$I            dk = tl.dot(gs.to(qT.dtype), tl.trans(qT), dk$prec)
 """
 
 _DQ = """
 @triton.jit
 def flex_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, DO, LSE2, DELTA, DQ,
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
@@ -214,12 +300,13 @@ def flex_bwd_dq_kernel(
     s_dqb, s_dqh, s_dqm, s_dqd,
     KV_NUM, KV_IDX, s_nb, s_nh, s_nq, s_ib, s_ih, s_iq, s_ik,
     FKV_NUM, FKV_IDX, s_fnb, s_fnh, s_fnq, s_fib, s_fih, s_fiq, s_fik,
-    H, L, S, GROUP, scale,
+    H, L, LP, S, GROUP, scale,
 $params
     E: tl.constexpr, EV: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     HAS_FULL: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -240,17 +327,21 @@ $params
     else:
         rows = offs_m
     b64 = b.to(tl.int64)
-    q = tl.load(Q + b64 * s_qb + h.to(tl.int64) * s_qh + rows[:, None] * s_qm
-                + offs_d[None, :] * s_qd, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    do = tl.load(DO + b64 * s_db + h.to(tl.int64) * s_dh + rows[:, None] * s_dm
-                 + offs_dv[None, :] * s_dd, mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
+    q_ptrs = Q + b64 * s_qb + h.to(tl.int64) * s_qh + rows[:, None] * s_qm + offs_d[None, :] * s_qd
+    do_ptrs = (DO + b64 * s_db + h.to(tl.int64) * s_dh + rows[:, None] * s_dm
+               + offs_dv[None, :] * s_dd)
+    if EVEN_M and EVEN_D:
+        q = tl.load(q_ptrs)
+        do = tl.load(do_ptrs)
+    else:
+        q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        do = tl.load(do_ptrs, mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    row_base = pid_bh.to(tl.int64) * L
-    lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0)
-    lse = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E
-    delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+    row_base = pid_bh.to(tl.int64) * LP
+    lse2 = tl.load(LSE2 + row_base + offs_m)
+    delta = tl.load(DELTA + row_base + offs_m)
     k_base = K + b64 * s_kb + hkv.to(tl.int64) * s_kh
     v_base = V + b64 * s_vb + hkv.to(tl.int64) * s_vh
     dq = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
@@ -265,7 +356,10 @@ $full_loop
     dq = dq * scale
     dq_ptrs = (DQ + b64 * s_dqb + h.to(tl.int64) * s_dqh + rows[:, None] * s_dqm
                + offs_d[None, :] * s_dqd)
-    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    if EVEN_M and EVEN_D:
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty))
+    else:
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 """
 
 _DQ_LOOP = """
@@ -278,25 +372,43 @@ $I        if BIG:
 $I            cols = offs_n.to(tl.int64)
 $I        else:
 $I            cols = offs_n
-$I        k = tl.load(k_base + cols[:, None] * s_kn + offs_d[None, :] * s_kd,
-$I                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-$I        v = tl.load(v_base + cols[:, None] * s_vn + offs_dv[None, :] * s_vd,
-$I                    mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+$I        kT_ptrs = k_base + cols[None, :] * s_kn + offs_d[:, None] * s_kd
+$I        vT_ptrs = v_base + cols[None, :] * s_vn + offs_dv[:, None] * s_vd
+$I        if EVEN_N and EVEN_D:
+$I            kT = tl.load(kT_ptrs)
+$I            vT = tl.load(vT_ptrs)
+$I        else:
+$I            kT = tl.load(kT_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+$I            vT = tl.load(vT_ptrs, mask=n_ok[None, :] & dv_ok[:, None], other=0.0)
 $I        if UPCAST:
-$I            k = k.to(tl.float32)
-$I            v = v.to(tl.float32)
+$I            kT = kT.to(tl.float32)
+$I            vT = vT.to(tl.float32)
 $I        kv_idx = offs_n[None, :]
-$I        qk = tl.dot(q, tl.trans(k)$prec)
-$I        s = qk * scale
-$score_body$I        valid = m_ok[:, None] & n_ok[None, :]
-$mask_part$I        p = tl.exp2(s2 * LOG2E - lse[:, None])
-$I        p = tl.where(valid, p, 0.0)
-$I        dp = tl.dot(do, tl.trans(v)$prec)
+$I        s = tl.dot(q, kT$prec) * scale
+$score_body$valid$I        p = tl.exp2(s2 * LOG2E - lse2[:, None])
+$where_p$I        dp = tl.dot(do, vT$prec)
 $I        ds = p * (dp - delta[:, None])
-$I        no_capture_grad = (q_idx < 0) & (kv_idx < 0)
-$grad_body$I        gs = tl.where(valid, gs, 0.0)
-$I        dq += tl.dot(gs.to(k.dtype), k$prec)
+$grad_body$where_gs$I        dq = tl.dot(gs.to(kT.dtype), tl.trans(kT), dq$prec)
 """
+
+
+def _accepts_transposed(code: Any) -> bool:
+    """Whether ``code.fwd_body``/``bwd_body`` take the ``transposed`` keyword (ModCode does;
+    hand-written stand-ins whose code only broadcasts need not)."""
+    try:
+        params = inspect.signature(code.fwd_body).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return False
+    return "transposed" in params or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
+    )
+
+
+def _strip_atomics(body: str) -> str:
+    """Drop the capture-gradient atomics of a ``bwd_body`` (what feeds them is dead code)."""
+    return "".join(
+        line for line in body.splitlines(True) if not line.lstrip().startswith("tl.atomic_add(")
+    )
 
 
 def _loop(
@@ -308,64 +420,85 @@ def _loop(
     body_indent: str,
     prec: str,
     sik: str,
-    capture_valid: str,
+    transposed: bool,
 ) -> str:
+    """One walk over a block list (partial: mask_mod applied) with the mods' code inlined."""
     ind = body_indent + extra
+    kw: dict[str, Any] = {}
+    sc_kw = {"transposed": True} if transposed and _accepts_transposed(score_code) else kw
+    mk_kw = {"transposed": True} if transposed and _accepts_transposed(mask_code) else kw
+    s_in = "sT" if transposed else "s"
+    gout = "dsT" if transposed else "ds"
     score_body = score_code.fwd_body(
-        out="s2", score="s", b="b", h="h", q="q_idx", kv="kv_idx", indent=ind
+        out="s2", score=s_in, b="b", h="h", q="q_idx", kv="kv_idx", indent=ind, **sc_kw
     )
-    mask_part = ""
+    bounds = "n_ok[:, None] & m_ok[None, :]" if transposed else "m_ok[:, None] & n_ok[None, :]"
+    tile = "[BLOCK_N, BLOCK_M]" if transposed else "[BLOCK_M, BLOCK_N]"
+    has_grads = bool(score_code.grad_params)
+    even = "EVEN_M and EVEN_N"
     if partial:
-        mask_part = mask_code.fwd_body(
-            out="mk", score=None, b="b", h="h", q="q_idx", kv="kv_idx", indent=ind
+        valid = mask_code.fwd_body(
+            out="mk", score=None, b="b", h="h", q="q_idx", kv="kv_idx", indent=ind, **mk_kw
         )
-        mask_part += f"{ind}valid = valid & mk\n"
+        valid += (
+            f"{ind}if {even}:\n{ind}    valid = mk\n{ind}else:\n{ind}    valid = mk & ({bounds})\n"
+        )
+        where_p = f"{ind}pT = tl.where(valid, pT, 0.0)\n"
+        where_gs = f"{ind}gs = tl.where(valid, gs, 0.0)\n"
+    else:
+        valid = f"{ind}if not ({even}):\n{ind}    valid = {bounds}\n"
+        if has_grads:
+            valid += f"{ind}else:\n{ind}    valid = tl.full({tile}, 1, tl.int1)\n"
+        where_p = f"{ind}if not ({even}):\n{ind}    pT = tl.where(valid, pT, 0.0)\n"
+        where_gs = f"{ind}if not ({even}):\n{ind}    gs = tl.where(valid, gs, 0.0)\n"
+    if not transposed:
+        where_p = where_p.replace("pT", "p")
     grad_body = score_code.bwd_body(
         grad_score="gs",
-        grad_out="ds",
-        score="s",
+        grad_out=gout,
+        score=s_in,
         b="b",
         h="h",
         q="q_idx",
         kv="kv_idx",
-        valid=capture_valid,
+        valid="valid",
         indent=ind,
+        **sc_kw,
     )
+    if not transposed:  # captured-tensor gradients are accumulated by the dK/dV kernel only
+        grad_body = _strip_atomics(grad_body)
     return Template(template).substitute(
-        I=extra, prec=prec, score_body=score_body, mask_part=mask_part, grad_body=grad_body, sik=sik
+        I=extra,
+        prec=prec,
+        score_body=score_body,
+        valid=valid,
+        where_p=where_p,
+        grad_body=grad_body,
+        where_gs=where_gs,
+        sik=sik,
     )
 
 
 def render_bwd(score_code: Any, mask_code: Any, dtype: torch.dtype) -> str:
+    """Source of the dK/dV and dQ kernels for this pair of mods."""
     prec = dot_precision(dtype)
     params = render_params(
         list(score_code.params) + list(mask_code.params) + list(score_code.grad_params)
     )
+    loops = {}
+    for name, tmpl, body_ind, tr in (
+        ("dkdv", _DKDV_LOOP, " " * 12, True),
+        ("dq", _DQ_LOOP, " " * 8, False),
+    ):
+        loops[name] = (
+            _loop(tmpl, score_code, mask_code, True, "", body_ind, prec, "s_ik", tr),
+            _loop(tmpl, score_code, mask_code, False, "    ", body_ind, prec, "s_fik", tr),
+        )
     dkdv = Template(_DKDV).substitute(
-        params=params,
-        partial_loop=_loop(
-            _DKDV_LOOP, score_code, mask_code, True, "", " " * 12, prec, "s_ik", "valid"
-        ),
-        full_loop=_loop(
-            _DKDV_LOOP, score_code, mask_code, False, "    ", " " * 12, prec, "s_fik", "valid"
-        ),
+        params=params, partial_loop=loops["dkdv"][0], full_loop=loops["dkdv"][1]
     )
     dq = Template(_DQ).substitute(
-        params=params,
-        partial_loop=_loop(
-            _DQ_LOOP, score_code, mask_code, True, "", " " * 8, prec, "s_ik", "no_capture_grad"
-        ),
-        full_loop=_loop(
-            _DQ_LOOP,
-            score_code,
-            mask_code,
-            False,
-            "    ",
-            " " * 8,
-            prec,
-            "s_fik",
-            "no_capture_grad",
-        ),
+        params=params, partial_loop=loops["dq"][0], full_loop=loops["dq"][1]
     )
     header = Template(_HEADER).substitute(family="flex_bwd", log2e=repr(LOG2E), ln2=repr(LN2))
     return header + dkdv + dq
@@ -373,7 +506,7 @@ def render_bwd(score_code: Any, mask_code: Any, dtype: torch.dtype) -> str:
 
 def get_kernels(score_code: Any, mask_code: Any, dtype: torch.dtype) -> tuple[Any, Any]:
     """(dK/dV kernel, dQ kernel) for this pair of mods, rendered once per structure."""
-    key = ("flex_bwd", score_code.key, mask_code.key, str(dtype), dot_precision(dtype))
+    key = ("flex_bwd", 2, score_code.key, mask_code.key, str(dtype), dot_precision(dtype))
     mod = load_rendered("flex_bwd", key, lambda: render_bwd(score_code, mask_code, dtype))
     return mod.flex_bwd_dkdv_kernel, mod.flex_bwd_dq_kernel
 
@@ -399,32 +532,46 @@ def launch_bwd(
     scale: float,
     q_block: int,
     kv_block: int,
-    cfg: FwdConfig,
+    cfg: BwdConfig | FwdConfig,
     grad_buffers: list[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) in the inputs' dtypes; captured-tensor gradients are added
-    into ``grad_buffers`` (fp32, contiguous, one per ``score_code.grad_params``)."""
+    into ``grad_buffers`` (fp32, contiguous, one per ``score_code.grad_params``).
+
+    q ``[B,Hq,L,E]``, k ``[B,Hkv,S,E]``, v/out/dout ``[..,Ev]``, lse ``[B,Hq,L]`` fp32
+    contiguous (natural log), dlse ``[B,Hq,L]`` or None. ``cfg``: a :class:`BwdConfig`
+    (a single :class:`FwdConfig` is used for both kernels). ``cfg.dkdv.BLOCK_N`` and
+    ``cfg.dq.BLOCK_N`` must divide ``kv_block``, the ``BLOCK_M``s must divide ``q_block``."""
+    if isinstance(cfg, FwdConfig):
+        cfg = BwdConfig(cfg, cfg)
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if L == 0 or S == 0 or B * H == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
     e_pad, ev_pad = max(16, next_pow2(E)), max(16, next_pow2(Ev))
-    delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    lp = math.ceil(L / q_block) * q_block  # rows the q-block lists can reach
+    delta = torch.empty((B, H, lp), dtype=torch.float32, device=q.device)
+    lse2 = torch.empty((B, H, lp), dtype=torch.float32, device=q.device)
     dlse_c = dlse.float().contiguous() if dlse is not None else lse
-    bm_delta = 32
-    flex_bwd_delta_kernel[(math.ceil(L / bm_delta), B * H)](
+    bm_pre = 16 if interpreter_on() else 64
+    flex_bwd_pre_kernel[(math.ceil(lp / bm_pre), B * H)](
         out,
         dout,
+        lse,
         dlse_c,
         delta,
+        lse2,
         *out.stride(),
         *dout.stride(),
         H,
         L,
+        lp,
         Ev,
         HAS_DLSE=dlse is not None,
-        BLOCK_M=bm_delta,
+        BLOCK_M=bm_pre,
         EV_PAD=ev_pad,
     )
     dkdv_kernel, dq_kernel = get_kernels(score_code, mask_code, q.dtype)
@@ -435,28 +582,26 @@ def launch_bwd(
         (L, dout.stride(2)),
         (L, out.stride(2)),
     )
-    consts = dict(
+    common = dict(
         E=E,
         EV=Ev,
         E_PAD=e_pad,
         EV_PAD=ev_pad,
-        BLOCK_M=cfg.BLOCK_M,
-        BLOCK_N=cfg.BLOCK_N,
         Q_BLOCK=q_block,
         KV_BLOCK=kv_block,
         UPCAST=interpreter_on(),
         BIG=big,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        EVEN_D=E == e_pad and Ev == ev_pad,
     )
     mod_args = [*score_code.runtime_args(), *mask_code.runtime_args(), *grad_buffers]
+    c1, c2 = cfg.dkdv, cfg.dq
     has_full_q = full_q_num is not None and full_q_idx is not None
-    dkdv_kernel[(math.ceil(S / cfg.BLOCK_N), B * Hkv)](
+    dkdv_kernel[(math.ceil(S / c1.BLOCK_N), B * Hkv)](
         q,
         k,
         v,
         dout,
-        lse,
+        lse2,
         delta,
         dk,
         dv,
@@ -471,20 +616,27 @@ def launch_bwd(
         H,
         Hkv,
         L,
+        lp,
         S,
         H // Hkv,
         float(scale),
         *mod_args,
         HAS_FULL=has_full_q,
-        **consts,
+        BLOCK_M=c1.BLOCK_M,
+        BLOCK_N=c1.BLOCK_N,
+        EVEN_M=L % q_block == 0,  # every q sub-tile of a listed q-block lies inside L
+        EVEN_N=S % c1.BLOCK_N == 0,
+        num_warps=c1.num_warps,
+        num_stages=c1.num_stages,
+        **common,
     )
     has_full_kv = full_kv_num is not None and full_kv_idx is not None
-    dq_kernel[(math.ceil(L / cfg.BLOCK_M), B * H)](
+    dq_kernel[(math.ceil(L / c2.BLOCK_M), B * H)](
         q,
         k,
         v,
         dout,
-        lse,
+        lse2,
         delta,
         dq,
         *q.stride(),
@@ -496,11 +648,18 @@ def launch_bwd(
         *index_args(full_kv_num, full_kv_idx, B, H, (kv_num, kv_idx)),
         H,
         L,
+        lp,
         S,
         H // Hkv,
         float(scale),
         *mod_args,
         HAS_FULL=has_full_kv,
-        **consts,
+        BLOCK_M=c2.BLOCK_M,
+        BLOCK_N=c2.BLOCK_N,
+        EVEN_M=L % c2.BLOCK_M == 0,
+        EVEN_N=S % kv_block == 0,  # every kv sub-tile of a listed kv-block lies inside S
+        num_warps=c2.num_warps,
+        num_stages=c2.num_stages,
+        **common,
     )
     return dq, dk, dv

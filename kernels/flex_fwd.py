@@ -8,6 +8,9 @@ multiplied by ``log2(e)`` for an ``exp2`` online softmax with fp32 accumulators.
 nothing give ``out = 0`` and ``lse = -inf``; ``lse`` is natural log, fp32, ``[B, Hq, L]``
 contiguous. GQA: q head ``h`` reads kv head ``h // GROUP``. Positions ``q >= L`` or
 ``kv >= S`` never count. Head dims are padded to powers of two with masked loads.
+Constexpr fast paths: ``EVEN_M`` (``L % BLOCK_M == 0``), ``EVEN_N`` (``S % KV_BLOCK == 0``) and
+``EVEN_D`` (head dims are powers of two >= 16) drop the bounds masks; without a score_mod the
+``scale * log2(e)`` factor is applied in one multiply.
 
 The kernel source is rendered per (score key, mask key, dtype, head dims, block config) by
 :func:`get_kernel` and launched by :func:`launch`.
@@ -78,7 +81,7 @@ def default_fwd_config(
         if d <= 64:
             return FwdConfig(128, 64, 4, 3)
         if d <= 128:
-            return FwdConfig(128, 64, 8, 3)
+            return FwdConfig(128, 64, 4, 3)
         return FwdConfig(64, 32, 4, 2)
     if capability[0] >= 8:
         if d <= 64:
@@ -152,6 +155,7 @@ $params
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     HAS_FULL: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -173,9 +177,13 @@ $params
         rows = offs_m
     b64 = b.to(tl.int64)
     q_ptrs = Q + b64 * s_qb + h.to(tl.int64) * s_qh + rows[:, None] * s_qm + offs_d[None, :] * s_qd
-    q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    if EVEN_M and EVEN_D:
+        q = tl.load(q_ptrs)
+    else:
+        q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
+    qk_scale = scale * LOG2E
     k_base = K + b64 * s_kb + hkv.to(tl.int64) * s_kh
     v_base = V + b64 * s_vb + hkv.to(tl.int64) * s_vh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -195,8 +203,14 @@ $full_loop
     out = acc / l_safe[:, None]
     lse = tl.where(seen, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
     o_ptrs = O + b64 * s_ob + h.to(tl.int64) * s_oh + rows[:, None] * s_om + offs_dv[None, :] * s_od
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
-    tl.store(LSE + pid_bh.to(tl.int64) * L + offs_m, lse, mask=m_ok)
+    if EVEN_M and EVEN_D:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty))
+    else:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
+    if EVEN_M:
+        tl.store(LSE + pid_bh.to(tl.int64) * L + offs_m, lse)
+    else:
+        tl.store(LSE + pid_bh.to(tl.int64) * L + offs_m, lse, mask=m_ok)
 """
 
 _LOOP = """
@@ -209,24 +223,25 @@ $I        if BIG:
 $I            cols = offs_n.to(tl.int64)
 $I        else:
 $I            cols = offs_n
-$I        k = tl.load(k_base + cols[:, None] * s_kn + offs_d[None, :] * s_kd,
-$I                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-$I        v = tl.load(v_base + cols[:, None] * s_vn + offs_dv[None, :] * s_vd,
-$I                    mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+$I        k_ptrs = k_base + cols[:, None] * s_kn + offs_d[None, :] * s_kd
+$I        v_ptrs = v_base + cols[:, None] * s_vn + offs_dv[None, :] * s_vd
+$I        if EVEN_N and EVEN_D:
+$I            k = tl.load(k_ptrs)
+$I            v = tl.load(v_ptrs)
+$I        else:
+$I            k = tl.load(k_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+$I            v = tl.load(v_ptrs, mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
 $I        if UPCAST:
 $I            k = k.to(tl.float32)
 $I            v = v.to(tl.float32)
 $I        qk = tl.dot(q, tl.trans(k)$prec)
-$I        s = qk * scale
 $I        kv_idx = offs_n[None, :]
-$score_body$I        keep = n_ok[None, :]
-$mask_part$I        s2 = tl.where(keep, s2 * LOG2E, float("-inf"))
-$I        m_new = tl.maximum(m_i, tl.max(s2, 1))
+$score_body$mask_part$I        m_new = tl.maximum(m_i, tl.max(s2, 1))
 $I        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
 $I        alpha = tl.exp2(m_i - m_use)
 $I        p = tl.exp2(s2 - m_use[:, None])
 $I        l_i = l_i * alpha + tl.sum(p, 1)
-$I        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v$prec)
+$I        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None]$prec)
 $I        m_i = m_new
 """
 
@@ -252,18 +267,36 @@ def _fwd_loop(
     score_code: Any, mask_code: Any, partial: bool, extra_indent: str, prec: str, sik: str
 ) -> str:
     ind = "        " + extra_indent
-    score_body = score_code.fwd_body(
-        out="s2", score="s", b="b", h="h", q="q_idx", kv="kv_idx", indent=ind
-    )
-    mask_part = ""
+    if _is_identity(score_code):  # one multiply: scores go straight to log2 units
+        score_body = f"{ind}s2 = qk * qk_scale\n"
+        scaled = "s2"
+    else:
+        score_body = f"{ind}s = qk * scale\n" + score_code.fwd_body(
+            out="s2", score="s", b="b", h="h", q="q_idx", kv="kv_idx", indent=ind
+        )
+        scaled = "s2 * LOG2E"
+    bounds = "n_ok[None, :]"
     if partial:
         mask_part = mask_code.fwd_body(
             out="mk", score=None, b="b", h="h", q="q_idx", kv="kv_idx", indent=ind
         )
-        mask_part += f"{ind}keep = keep & mk\n"
+        mask_part += (
+            f"{ind}if EVEN_N:\n{ind}    keep = mk\n{ind}else:\n{ind}    keep = mk & {bounds}\n"
+            f'{ind}s2 = tl.where(keep, {scaled}, float("-inf"))\n'
+        )
+    else:
+        mask_part = f"{ind}if EVEN_N:\n{ind}    s2 = {scaled}\n{ind}else:\n"
+        mask_part += f'{ind}    s2 = tl.where({bounds}, {scaled}, float("-inf"))\n'
     return Template(_LOOP).substitute(
         I=extra_indent, prec=prec, score_body=score_body, mask_part=mask_part, sik=sik
     )
+
+
+def _is_identity(score_code: Any) -> bool:
+    """True for the ``score_mod=None`` stand-in (the score passes unchanged)."""
+    from ._render import NoScoreMod
+
+    return getattr(score_code, "key", None) == NoScoreMod.key
 
 
 def render_fwd(score_code: Any, mask_code: Any, dtype: torch.dtype) -> str:
@@ -280,7 +313,7 @@ def render_fwd(score_code: Any, mask_code: Any, dtype: torch.dtype) -> str:
 
 def get_kernel(score_code: Any, mask_code: Any, dtype: torch.dtype) -> Any:
     """The jitted forward kernel for this pair of mods (rendered once per structure)."""
-    key = ("flex_fwd", score_code.key, mask_code.key, str(dtype), dot_precision(dtype))
+    key = ("flex_fwd", 2, score_code.key, mask_code.key, str(dtype), dot_precision(dtype))
     mod = load_rendered("flex_fwd", key, lambda: render_fwd(score_code, mask_code, dtype))
     return mod.flex_fwd_kernel
 
@@ -334,6 +367,7 @@ def launch(
     has_full = full_num is not None and full_idx is not None
     big = needs_int64((L, q.stride(2)), (S, k.stride(2)), (S, v.stride(2)), (L, out.stride(2)))
     grid = (math.ceil(L / cfg.BLOCK_M), B * H)
+    e_pad, ev_pad = max(16, next_pow2(E)), max(16, next_pow2(Ev))
     args = [
         q,
         k,
@@ -358,8 +392,8 @@ def launch(
         *args,
         E=E,
         EV=Ev,
-        E_PAD=max(16, next_pow2(E)),
-        EV_PAD=max(16, next_pow2(Ev)),
+        E_PAD=e_pad,
+        EV_PAD=ev_pad,
         BLOCK_M=cfg.BLOCK_M,
         BLOCK_N=cfg.BLOCK_N,
         Q_BLOCK=q_block,
@@ -367,6 +401,9 @@ def launch(
         HAS_FULL=has_full,
         UPCAST=interpreter_on(),
         BIG=big,
+        EVEN_M=L % cfg.BLOCK_M == 0,
+        EVEN_N=S % kv_block == 0,  # every kv sub-tile of a listed kv-block lies inside S
+        EVEN_D=E == e_pad and Ev == ev_pad,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

@@ -56,8 +56,7 @@ def kern(out_ptr, score_ptr, gout_ptr, gscore_ptr, H, M, N, PM, PN,
     h = bh % H
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    q = offs_m[:, None]
-    kv = offs_n[None, :]
+{tiles}
     valid = (q < M) & (kv < N)
     # padded [B*H, PM, PN] layout: edge tiles are stored whole, for the bounds checks
     base = bh * PM * PN + q * PN + kv
@@ -66,6 +65,10 @@ def kern(out_ptr, score_ptr, gout_ptr, gscore_ptr, H, M, N, PM, PN,
     tl.store(out_ptr + base, {store})
 {bwd}
 """
+_TILES = {
+    False: "    q = offs_m[:, None]\n    kv = offs_n[None, :]",
+    True: "    q = offs_m[None, :]\n    kv = offs_n[:, None]",  # [BN, BM] tiles (dK/dV kernel)
+}
 _BWD = """    grad_out = tl.load(gout_ptr + base)
 {body}
     tl.store(gscore_ptr + base, grad_score)
@@ -89,9 +92,11 @@ def _load_kernel(src: str):
     return mod.kern
 
 
-def run_mod(fn, kind, score=None, gout=None, grads=False):
+def run_mod(fn, kind, score=None, gout=None, grads=False, transposed=False):
     """Run a mod's generated code over [B, H, M, N] (padded to whole tiles).
 
+    ``transposed``: emit and run the code for ``[BN, BM]`` tiles (q ``[1, BM]``, kv
+    ``[BN, 1]``); the results are stored in the same ``[B, H, PM, PN]`` layout.
     Returns (out [B,H,PM,PN], grad_score or None, grad buffers, ModCode).
     """
     prefix = "sm_" if kind == "score" else "mm_"
@@ -106,6 +111,7 @@ def run_mod(fn, kind, score=None, gout=None, grads=False):
         q="q",
         kv="kv",
         indent="    ",
+        transposed=transposed,
     )
     store = "out.to(tl.float32)" if kind == "score" else "out.to(tl.int8)"
     bwd = ""
@@ -120,9 +126,12 @@ def run_mod(fn, kind, score=None, gout=None, grads=False):
             kv="kv",
             valid="valid",
             indent="    ",
+            transposed=transposed,
         )
         bwd = _BWD.format(body=body.rstrip("\n"))
-    src = _KERNEL.format(params=params, fwd=fwd.rstrip("\n"), store=store, bwd=bwd)
+    src = _KERNEL.format(
+        params=params, tiles=_TILES[transposed], fwd=fwd.rstrip("\n"), store=store, bwd=bwd
+    )
     kern = _load_kernel(src)
     sc = torch.zeros(B, H, PM, PN, device=DEV)
     if score is not None:
@@ -153,8 +162,8 @@ def idx():
     )
 
 
-def check_mask(fn):
-    out, _, _, mc = run_mod(fn, "mask")
+def check_mask(fn, transposed=False):
+    out, _, _, mc = run_mod(fn, "mask", transposed=transposed)
     ref = eval_mask_mod(fn, *idx())
     got = out[:, :, :M, :N].bool()
     bad = (got != ref).nonzero()
@@ -162,10 +171,10 @@ def check_mask(fn):
     return out
 
 
-def check_score(fn, score=None, rtol=1.3e-6, atol=1e-5):
+def check_score(fn, score=None, rtol=1.3e-6, atol=1e-5, transposed=False):
     if score is None:
         score = _scores()
-    out, _, _, mc = run_mod(fn, "score", score=score)
+    out, _, _, mc = run_mod(fn, "score", score=score, transposed=transposed)
     ref = eval_score_mod(fn, score, *idx()).to(torch.float32)
     torch.testing.assert_close(
         out[:, :, :M, :N],
@@ -183,13 +192,15 @@ def _scores(seed=0, scale=3.0):
     return (torch.randn(B, H, M, N, generator=g) * scale).to(DEV)
 
 
-def check_grads(fn, params, score=None, rtol=1e-5, atol=1e-5):
+def check_grads(fn, params, score=None, rtol=1e-5, atol=1e-5, transposed=False):
     """Compare grad_score and the captured tensors' grads with torch.autograd."""
     if score is None:
         score = _scores(1)
     g = torch.Generator().manual_seed(7)
     gout = torch.randn(B, H, M, N, generator=g).to(DEV)
-    out, gsc, gbufs, mc = run_mod(fn, "score", score=score, gout=gout, grads=True)
+    out, gsc, gbufs, mc = run_mod(
+        fn, "score", score=score, gout=gout, grads=True, transposed=transposed
+    )
     s = score.clone().requires_grad_(True)
     for p in params:
         p.grad = None
@@ -342,11 +353,12 @@ MASKS = {
 }
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["normal", "transposed"])
 @pytest.mark.parametrize("name", list(MASKS))
 @pytest.mark.interpreter
 @needs_triton
-def test_mask_mod(name):
-    check_mask(MASKS[name])
+def test_mask_mod(name, transposed):
+    check_mask(MASKS[name], transposed=transposed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,18 +443,19 @@ SCORES = {
 }
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["normal", "transposed"])
 @pytest.mark.parametrize("name", list(SCORES))
 @pytest.mark.interpreter
 @needs_triton
-def test_score_mod(name):
+def test_score_mod(name, transposed):
     fn = SCORES[name]
     if name in ("rounding", "float_floordiv_mod"):
-        check_score(fn, score=_half_scores())
+        check_score(fn, score=_half_scores(), transposed=transposed)
     elif name == "bias64":
         # float64 captures are computed in fp32 (documented): compare at fp32 precision
-        check_score(fn, rtol=1e-6, atol=1e-6)
+        check_score(fn, rtol=1e-6, atol=1e-6, transposed=transposed)
     else:
-        check_score(fn)
+        check_score(fn, transposed=transposed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,13 +549,14 @@ def _grad_cases():
 GRAD_CASES = list(_grad_cases())
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["normal", "transposed"])
 @pytest.mark.parametrize("name", GRAD_CASES)
 @pytest.mark.interpreter
 @needs_triton
-def test_score_mod_backward(name):
+def test_score_mod_backward(name, transposed):
     fn, params = _grad_cases()[name]
     score = _half_scores() if name in ("clamp_ties", "max_min_ties", "casts") else None
-    check_grads(fn, params, score=score)
+    check_grads(fn, params, score=score, transposed=transposed)
 
 
 # ---------------------------------------------------------------------------------------------

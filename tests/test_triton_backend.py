@@ -9,6 +9,7 @@ below (same interface) are used for the test mods of this file.
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -315,6 +316,114 @@ def test_block_size_not_multiple_of_16_is_rejected():
     bm = create_block_mask(causal(), None, None, 24, 24, device=DEV, BLOCK_SIZE=(8, 8))
     with pytest.raises(ValueError, match="multiple of 16"):
         flex_attention(q, q, q, block_mask=bm, kernel_options=TRITON)
+
+
+# ------------------------------------------------------------------ EVEN fast paths, configs
+_ASYM = {"bwd_BLOCK_M": 16, "bwd_BLOCK_N": 32, "bwd_dq_BLOCK_M": 32, "bwd_dq_BLOCK_N": 16}
+
+
+@pytest.mark.parametrize(
+    "L, S, E, Ev, block",
+    [
+        (64, 64, 32, 32, (32, 32)),  # EVEN_M, EVEN_N, EVEN_D everywhere
+        (64, 80, 32, 16, (32, 32)),  # even rows, ragged kv (S % KV_BLOCK != 0)
+        (80, 64, 24, 32, (32, 32)),  # ragged rows (L % Q_BLOCK != 0), padded head dim
+    ],
+    ids=["even", "ragged_kv", "ragged_q_pad_d"],
+)
+def test_even_and_ragged_shapes_asymmetric_bwd_tiles(L, S, E, Ev, block):
+    # learnable capture (atomics in the transposed dK/dV kernel, on full and partial tiles),
+    # GQA, dK/dV tiles 16 x 32 and dQ tiles 32 x 16 (separate configs), sub-tiling
+    slope = torch.tensor([0.05, -0.02, 0.1, 0.03], device=DEV, requires_grad=True)
+    _run_case(
+        1,
+        4,
+        2,
+        L,
+        S,
+        E,
+        Ev,
+        score_mod=head_slope(slope),
+        mask_mod=causal(S - L if S > L else 0),
+        params=[slope],
+        block=block,
+        kernel_options=dict(_ASYM, BLOCK_M=32, BLOCK_N=16),
+    )
+
+
+def qkv_bias(qb: torch.Tensor, kb: torch.Tensor):
+    """Learnable per-query and per-key biases (captures indexed by q only / kv only)."""
+
+    def bias(score, b, h, q_idx, kv_idx):
+        return score * (1.0 + qb[q_idx]) + kb[kv_idx]
+
+    return bias
+
+
+@pytest.mark.parametrize("L", [64, 50], ids=["even", "ragged"])
+def test_q_and_kv_indexed_capture_grads(L):
+    if USE_STANDINS:
+        pytest.skip("needs hf_flexattn.compiler")
+    g = torch.Generator().manual_seed(3)
+    qb = (torch.randn(L, generator=g) * 0.1).to(DEV).requires_grad_(True)
+    kb = (torch.randn(L, generator=g) * 0.5).to(DEV).requires_grad_(True)
+    _run_case(
+        2,
+        2,
+        1,
+        L,
+        L,
+        16,
+        16,
+        score_mod=qkv_bias(qb, kb),
+        mask_mod=causal(),
+        params=[qb, kb],
+        block=(32, 32),
+        kernel_options=_ASYM,
+    )
+
+
+def test_bwd_config_defaults_and_overrides():
+    from hf_flexattn.kernels import flex_bwd
+
+    bf16 = torch.bfloat16
+    cfg = flex_bwd.choose_bwd_config((9, 0), bf16, 128, 8192, 128, 128, {})
+    assert (cfg.dkdv.BLOCK_M, cfg.dkdv.BLOCK_N) == (64, 128)
+    assert (cfg.dq.BLOCK_M, cfg.dq.BLOCK_N) == (128, 64)
+    # fitted to the BlockMask's block sizes; short queries get small q tiles
+    cfg = flex_bwd.choose_bwd_config((9, 0), bf16, 128, 8192, 64, 32, {})
+    assert (cfg.dkdv.BLOCK_M, cfg.dkdv.BLOCK_N, cfg.dq.BLOCK_M, cfg.dq.BLOCK_N) == (64, 32, 64, 32)
+    cfg = flex_bwd.choose_bwd_config((9, 0), bf16, 64, 5, 128, 128, {})
+    assert cfg.dkdv.BLOCK_M == 16 and cfg.dq.BLOCK_M == 16
+    opts = {
+        "bwd_BLOCK_M": 32,
+        "bwd_BLOCK_N": 64,
+        "bwd_num_warps": 4,
+        "bwd_num_stages": 2,
+        "bwd_dq_BLOCK_M": 64,
+        "bwd_dq_BLOCK_N": 32,
+        "bwd_dq_num_warps": 8,
+        "bwd_dq_num_stages": 1,
+    }
+    cfg = flex_bwd.choose_bwd_config((9, 0), bf16, 128, 8192, 128, 128, opts)
+    assert tuple(vars(cfg.dkdv).values()) == (32, 64, 4, 2)
+    assert tuple(vars(cfg.dq).values()) == (64, 32, 8, 1)
+    with pytest.raises(ValueError, match="bwd_dq_BLOCK_N"):
+        flex_bwd.choose_bwd_config((9, 0), bf16, 128, 128, 128, 128, {"bwd_dq_BLOCK_N": 48})
+    with pytest.raises(ValueError, match="bwd_dq_num_warps"):
+        flex_bwd.choose_bwd_config((9, 0), bf16, 128, 128, 128, 128, {"bwd_dq_num_warps": 0})
+
+
+def test_dkdv_kernel_transposes_no_register_tiles():
+    # the dK/dV kernel works on [BLOCK_N, BLOCK_M] tiles: only loaded operands (dO, qT) are
+    # transposed, never P or dS
+    from hf_flexattn.kernels import flex_bwd
+
+    src = flex_bwd.render_bwd(_render.NoScoreMod(), _render.NoMaskMod(), torch.bfloat16)
+    dkdv = src[src.index("def flex_bwd_dkdv_kernel") : src.index("def flex_bwd_dq_kernel")]
+    dq = src[src.index("def flex_bwd_dq_kernel") :]
+    assert set(re.findall(r"tl\.trans\((\w+)\)", dkdv)) == {"do", "qT"}
+    assert set(re.findall(r"tl\.trans\((\w+)\)", dq)) == {"kT"}
 
 
 # ------------------------------------------------------------------ zoo (real compiler only)

@@ -203,14 +203,8 @@ def prepare(
     Ev = v_shape[-1]
     cap = _capability(device)
     fwd_cfg = flex_fwd.choose_config(cap, dtype, max(E, Ev), L, q_block, kv_block, kernel_options)
-    base_bwd = flex_bwd.default_bwd_config(cap, dtype, max(E, Ev))
-    opts = dict(kernel_options)
-    for fld in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"):
-        opts.setdefault("bwd_" + fld, getattr(base_bwd, fld))
-    if kernel_options.get("bwd_BLOCK_M") is None:
-        opts["bwd_BLOCK_M"] = min(opts["bwd_BLOCK_M"], max(16, flex_fwd.next_pow2(L)))
-    bwd_cfg = flex_fwd.choose_config(
-        cap, dtype, max(E, Ev), L, q_block, kv_block, opts, prefix="bwd_"
+    bwd_cfg = flex_bwd.choose_bwd_config(
+        cap, dtype, max(E, Ev), L, q_block, kv_block, kernel_options
     )
     grad_slots = [i for i, s in enumerate(getattr(score_code, "specs", [])) if s.needs_grad]
     key = (score_code.key, mask_code.key, fwd_cfg, bwd_cfg, q_block, kv_block)

@@ -164,6 +164,7 @@ class ModCode:
         q: str,
         kv: str,
         indent: str = "",
+        transposed: bool = False,
     ) -> str:
         """Triton statements assigning ``out``.
 
@@ -171,12 +172,14 @@ class ModCode:
         ``score`` (fp32 ``[BM, BN]``), ``b``, ``h`` (int32 scalars), ``q`` (``[BM, 1]`` int32)
         and ``kv`` (``[1, BN]`` int32).  Loads of captured tensors are masked to the tensor's
         sizes, so positions past the sequence lengths never read out of range.
+        ``transposed=True``: ``q`` is ``[1, BM]``, ``kv`` is ``[BN, 1]`` and ``score``/``out``
+        are ``[BN, BM]`` (the dK/dV kernel's orientation).
         """
         assert self._c is not None
         if self.kind == "score" and score is None:
             raise ValueError("fwd_body of a score mod needs `score`, got None.")
         tr = self._c.tr
-        em, qn, kvn = self._emitter(indent, score, b, h, q, kv, None)
+        em, qn, kvn = self._emitter(indent, score, b, h, q, kv, None, transposed)
         lt = "f32" if self.kind == "score" else "i1"
         em.assign_full(out, tr.out, lt, qn, kvn)
         return em.text()
@@ -193,6 +196,7 @@ class ModCode:
         kv: str,
         valid: str,
         indent: str = "",
+        transposed: bool = False,
     ) -> str:
         """Triton statements for the backward of a score mod.
 
@@ -200,14 +204,15 @@ class ModCode:
         atomically adds d(out)/d(captured) * ``grad_out`` into the buffers of
         :attr:`grad_params` where ``valid`` (bool ``[BM, BN]``) holds.  Loads indexed only by
         ``b``/``h`` (or only by ``q``, or only by ``kv``) are reduced over the tile before the
-        atomic add.
+        atomic add.  ``transposed=True``: tiles are ``[BN, BM]`` with ``q`` ``[1, BM]`` and
+        ``kv`` ``[BN, 1]`` (see :meth:`fwd_body`).
         """
         assert self._c is not None
         if self.kind != "score":
             raise ValueError(f"bwd_body is only defined for score mods, not {self.kind!r}.")
         grad_slots = frozenset(s for s, spec in zip(self._c.used, self.specs) if spec.needs_grad)
         gscore, loads = self._c.backward(grad_slots)
-        em, qn, kvn = self._emitter(indent, score, b, h, q, kv, grad_out)
+        em, qn, kvn = self._emitter(indent, score, b, h, q, kv, grad_out, transposed)
         if gscore is None:
             em.line(f"{grad_score} = tl.zeros_like({grad_out})")
         else:
@@ -216,14 +221,23 @@ class ModCode:
             em.emit_grad_atomic(load, adj, valid)
         return em.text()
 
-    def _emitter(self, indent, score, b, h, q, kv, gout) -> tuple[Emitter, str, str]:
+    def _emitter(
+        self, indent, score, b, h, q, kv, gout, transposed=False
+    ) -> tuple[Emitter, str, str]:
         assert self._c is not None
         inputs = {"b": b, "h": h, "q": q, "kv": kv}
         if score is not None:
             inputs["score"] = score
         if gout is not None:
             inputs["gout"] = gout
-        em = Emitter(self._c.tr.graph, self.prefix, inputs, self._slot_params(), indent)
+        em = Emitter(
+            self._c.tr.graph,
+            self.prefix,
+            inputs,
+            self._slot_params(),
+            indent,
+            transposed=transposed,
+        )
         qn, kvn = q, kv
         if not q.isidentifier():
             qn = f"{self.prefix}q"

@@ -2,7 +2,9 @@
 
 Tile conventions (see docs/INTERFACES.md): ``b``, ``h`` are int32 scalars, ``q`` is
 ``[BM, 1]`` int32, ``kv`` is ``[1, BN]`` int32, ``score`` is fp32 ``[BM, BN]``.  Values take
-the broadcast shape of the inputs they depend on.
+the broadcast shape of the inputs they depend on.  With ``transposed=True`` (the dK/dV
+kernel's orientation) ``q`` is ``[1, BM]``, ``kv`` is ``[BN, 1]`` and tiles are ``[BN, BM]``:
+only full-tile shapes and the axes of gradient reductions depend on the orientation.
 
 Lowered types: ``bool -> tl.int1``; every float dtype is computed in fp32 (float64 captured
 tensors are loaded and converted to fp32: results can differ from torch's float64 math in
@@ -101,8 +103,10 @@ class Emitter:
         slots: list[SlotParams],
         indent: str,
         interp: bool | None = None,
+        transposed: bool = False,
     ) -> None:
         self.g = g
+        self.transposed = bool(transposed)
         self.p = prefix
         self.inputs = inputs
         self.slots = slots
@@ -550,19 +554,24 @@ class Emitter:
             return
         gv = self.fresh("g")
         self.line(f"{gv} = tl.where({valid}, {v}, 0.0)")
+        # the kv axis is 1 in the normal orientation ([BM, BN]) and 0 when transposed
+        kv_axis, q_axis = (0, 1) if self.transposed else (1, 0)
         if has_q:
-            red = f"tl.sum({gv}, axis=1, keep_dims=True)"
+            red = f"tl.sum({gv}, axis={kv_axis}, keep_dims=True)"
         elif has_kv:
-            red = f"tl.sum({gv}, axis=0, keep_dims=True)"
+            red = f"tl.sum({gv}, axis={q_axis}, keep_dims=True)"
         else:
             red = f"tl.sum(tl.sum({gv}, axis=1), axis=0)"
         mk = f", mask={mask}" if mask else ""
         self.line(f'tl.atomic_add({gp}, {red}{mk}, sem="relaxed")')
 
     def assign_full(self, out: str, i: int, lt: str, q: str, kv: str) -> None:
-        """``out = value of node i`` as a ``[BM, BN]`` tile of type ``lt``."""
+        """``out = value of node i`` as a ``[BM, BN]`` (transposed: ``[BN, BM]``) tile."""
         n = self.g[i]
-        shape = f"({q}.shape[0], {kv}.shape[1])"
+        if self.transposed:
+            shape = f"({kv}.shape[0], {q}.shape[1])"
+        else:
+            shape = f"({q}.shape[0], {kv}.shape[1])"
         if n.is_const:
             self.line(f"{out} = tl.full({shape}, {literal(n.value, lt)}, {_TL[lt]})")
             return

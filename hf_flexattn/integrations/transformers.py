@@ -349,15 +349,44 @@ def _to_block_mask(
     )
 
 
+_OFFSETS: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+
+def _offset_tensor(value: int, device: torch.device) -> torch.Tensor:
+    """A 0-d int64 tensor holding ``value`` (cached).
+
+    Offsets enter mask_mods as captured tensors, not Python numbers: the Triton compiler bakes
+    Python numbers into the kernel, so an int offset that changes every decoding step would
+    compile a new kernel per step.
+    """
+    key = (str(device), int(value))
+    t = _OFFSETS.get(key)
+    if t is None:
+        t = torch.tensor(int(value), dtype=torch.long, device=device)
+        _OFFSETS[key] = t
+        while len(_OFFSETS) > 4096:
+            _OFFSETS.popitem(last=False)
+    return t
+
+
 def _structured_mask_mod(
-    st: _Structure, q_offset: Any, kv_offset: int, pad: torch.Tensor | None
+    st: _Structure, q_offset: Any, kv_offset: int, pad: torch.Tensor | None,
+    device: torch.device | None = None,
 ) -> Callable:
-    """Exact element-wise mask for partial tiles (indices are local, offsets added here)."""
+    """Exact element-wise mask for partial tiles (indices are local, offsets added here).
+
+    Only ``q - kv`` matters for causal and window terms, so both offsets fold into one
+    captured 0-d tensor ``shift = q_offset - kv_offset``.
+    """
     causal, window, docs = st.causal, st.window, st.docs
+    if isinstance(q_offset, torch.Tensor):
+        shift = q_offset - kv_offset
+    else:
+        shift = _offset_tensor(int(q_offset) - int(kv_offset), device or torch.device("cpu"))
 
     def flex_structured_mask(b, h, q_idx, kv_idx):
-        q = q_idx + q_offset
-        kv = kv_idx + kv_offset
+        q = q_idx + shift
+        kv = kv_idx
         ok = kv <= q if causal else q_idx >= 0
         if window is not None:
             ok = ok & (kv > q - window)
@@ -419,7 +448,7 @@ def _build_structured(
         n = max(nq, nkv) * block
         docs_t = torch.nn.functional.pad(st.docs, (0, n - st.docs.shape[-1]), value=-1)
         st_t = _Structure(causal=st.causal, window=st.window, docs=docs_t)
-    mask_mod = _structured_mask_mod(st_t, q_offset, kv_offset, pad_t)
+    mask_mod = _structured_mask_mod(st_t, q_offset, kv_offset, pad_t, device)
     return _to_block_mask(any_, all_, mask_mod, (q_length, kv_length), block)
 
 
@@ -436,8 +465,12 @@ def _build_generic(
 ) -> Any:
     from hf_flexattn.block_mask import create_block_mask
 
+    if not isinstance(q_offset, torch.Tensor):  # runtime values, not kernel constants
+        q_offset = _offset_tensor(int(q_offset), device)
+    kv_off = _offset_tensor(int(kv_offset), device)
+
     def flex_generic_mask(b, h, q_idx, kv_idx):
-        ok = mask_function(b, h, q_idx + q_offset, kv_idx + kv_offset)
+        ok = mask_function(b, h, q_idx + q_offset, kv_idx + kv_off)
         if pad is not None:
             ok = ok & pad[b, kv_idx]
         return ok
