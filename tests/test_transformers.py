@@ -1,13 +1,20 @@
 """Transformers integration: tiny models from configs, "flex" against the reference kernels.
 
-Every model is 2 layers, hidden 64, vocab 128, fp32, CPU, torch backend. The reference is
-``eager`` (``sdpa`` for Falcon, whose eager ALiBi path adds the bias twice). Masks are built
-with a small tile size so that the block algebra (full / partial / empty tiles) is exercised.
+Every model is 2 layers, hidden 64, vocab 128, fp32. The reference is ``eager`` (``sdpa`` for
+Falcon, whose eager ALiBi path adds the bias twice). Masks are built with a small tile size so
+that the block algebra (full / partial / empty tiles) is exercised.
+
+By default everything runs on the CPU with the torch backend, and ``test_*_triton`` run a
+subset through the Triton kernels (in Triton's interpreter on a CPU-only machine). On the GPU
+machine run the whole file on CUDA with the Triton backend::
+
+    HF_FLEXATTN_TEST_DEVICE=cuda HF_FLEXATTN_BACKEND=triton pytest tests/test_transformers.py
 """
 
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -32,6 +39,7 @@ MODELS = [
     "falcon",
     "mpt",
 ]
+DEVICE = torch.device(os.environ.get("HF_FLEXATTN_TEST_DEVICE", "cpu"))
 # models whose forward takes position_ids (packed rows restart them)
 PACKABLE = ["llama", "mistral", "qwen2", "gemma2", "gpt_oss", "phi3", "gpt2", "falcon"]
 
@@ -119,14 +127,27 @@ def make_pair(model_type: str, seed: int = 0):
     flex = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="flex")
     flex.load_state_dict(ref.state_dict())
     assert flex.config._attn_implementation == "flex"
-    return ref.eval(), flex.eval()
+    return ref.eval().to(DEVICE), flex.eval().to(DEVICE)
+
+
+def _triton_selected() -> bool:
+    return os.environ.get("HF_FLEXATTN_BACKEND", "auto") == "triton" or DEVICE.type == "cuda"
 
 
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
-    monkeypatch.setattr(integ, "BLOCK_SIZE", 8)
+    # the Triton kernels need tiles that are multiples of 16
+    monkeypatch.setattr(integ, "BLOCK_SIZE", 16 if _triton_selected() else 8)
     integ.clear_cache()
     yield
+    integ.clear_cache()
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """Run the flex models through the Triton kernels (interpreter without a GPU)."""
+    monkeypatch.setenv("HF_FLEXATTN_BACKEND", "triton")
+    monkeypatch.setattr(integ, "BLOCK_SIZE", 16)
     integ.clear_cache()
 
 
@@ -137,7 +158,7 @@ def left_padded_batch(seed: int = 1, length: int = 21):
     am[1, :6] = 0
     am[2, :13] = 0
     ids = ids.masked_fill(am == 0, 0)
-    return ids, am
+    return ids.to(DEVICE), am.to(DEVICE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,6 +364,30 @@ def test_mask_is_cached_and_skips_tiles():
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("model_type", MODELS)
 def test_left_padded_logits_and_gradients(model_type):
+    _check_logits_and_gradients(model_type)
+
+
+TRITON_SUBSET = ["llama", "gemma2", "gpt_oss", "bloom"]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("model_type", TRITON_SUBSET)
+def test_left_padded_logits_and_gradients_triton(model_type, triton_backend):
+    _check_logits_and_gradients(model_type)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+def test_greedy_generate_triton(model_type, triton_backend):
+    _check_generate(model_type, "dynamic")
+
+
+@pytest.mark.interpreter
+def test_packed_position_ids_triton(triton_backend):
+    _check_packed("qwen2")
+
+
+def _check_logits_and_gradients(model_type):
     ref, flex = make_pair(model_type)
     ids, am = left_padded_batch()
     valid = am.bool()
@@ -380,6 +425,10 @@ GENERATE_CASES = [(m, "dynamic") for m in MODELS] + [
 
 @pytest.mark.parametrize("model_type,cache", GENERATE_CASES)
 def test_greedy_generate_matches_reference(model_type, cache):
+    _check_generate(model_type, cache)
+
+
+def _check_generate(model_type, cache):
     ref, flex = make_pair(model_type, seed=3)
     ids, am = left_padded_batch(seed=5, length=13)
     kw = dict(attention_mask=am, max_new_tokens=12, do_sample=False, pad_token_id=0)
@@ -398,7 +447,7 @@ DOC_LENGTHS = [7, 12, 4]
 
 def _docs(seed: int = 7) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 128, (n,), generator=g) for n in DOC_LENGTHS]
+    return [torch.randint(3, 128, (n,), generator=g).to(DEVICE) for n in DOC_LENGTHS]
 
 
 def _separate_logits(model, docs) -> torch.Tensor:
@@ -408,10 +457,14 @@ def _separate_logits(model, docs) -> torch.Tensor:
 
 @pytest.mark.parametrize("model_type", PACKABLE)
 def test_packed_position_ids_equal_separate_documents(model_type):
+    _check_packed(model_type)
+
+
+def _check_packed(model_type):
     ref, flex = make_pair(model_type)
     docs = _docs()
     ids = torch.cat(docs)[None]
-    pos = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    pos = torch.cat([torch.arange(len(d), device=DEVICE) for d in docs])[None]
     expect = _separate_logits(ref, docs)
     with torch.no_grad():
         got = flex(ids, position_ids=pos, use_cache=False).logits[0]
@@ -426,6 +479,7 @@ def test_flattening_collator_cu_seqlens_equal_separate_documents(model_type):
     docs = _docs(seed=11)
     collator = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_position_ids=True)
     batch = collator([{"input_ids": d.tolist()} for d in docs])
+    batch = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     assert "cu_seq_lens_q" in batch
     batch.pop("labels", None)
     expect = _separate_logits(ref, docs)
