@@ -253,6 +253,12 @@ def eval_score_mod(score_mod: Callable, score: torch.Tensor, b: torch.Tensor,
 
 
 def _num_positional(fn: Callable) -> int | None:
+    code = getattr(fn, "__code__", None)
+    if inspect.isfunction(fn) and code is not None and not hasattr(fn, "__wrapped__"):
+        # fast path for plain functions (this runs on every attention call)
+        if code.co_flags & inspect.CO_VARARGS:
+            return None
+        return code.co_argcount - len(fn.__defaults__ or ())
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):

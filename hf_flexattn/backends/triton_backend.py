@@ -33,7 +33,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["flex_attention_forward", "prepare", "Prepared"]
+from ..kernels import flex_decode as _flex_decode
+
+__all__ = ["flex_attention_forward", "prepare", "Prepared", "DECODE_MIN_S"]
 
 _logger = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -43,13 +45,6 @@ def _warn_once(key: str, msg: str) -> None:
     if key not in _warned:
         _warned.add(key)
         _logger.warning(msg)
-
-
-def compile_mod_hook(fn: Callable, kind: str, prefix: str) -> Any:
-    """Compile a mod to a ModCode (``hf_flexattn.compiler.compile_mod``); tests may replace."""
-    from ..compiler import compile_mod
-
-    return compile_mod(fn, kind, prefix=prefix)
 
 
 # ------------------------------------------------------------------------------ registry
@@ -104,18 +99,22 @@ def _capability(device: torch.device) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(device)
 
 
+_NOOPS: tuple = ()
+
+
 def _is_noop_mask(fn: Any) -> bool:
+    global _NOOPS
     if fn is None:
         return True
-    from torch.nn.attention.flex_attention import noop_mask as torch_noop
+    if not _NOOPS:
+        from torch.nn.attention.flex_attention import noop_mask as torch_noop
 
-    if fn is torch_noop:
-        return True
-    try:
-        from ..block_mask import noop_mask
-    except ImportError:  # pragma: no cover - while modules are written
-        return False
-    return fn is noop_mask
+        try:
+            from ..block_mask import noop_mask
+        except ImportError:  # pragma: no cover - while modules are written
+            return fn is torch_noop
+        _NOOPS = (torch_noop, noop_mask)
+    return fn is _NOOPS[0] or fn is _NOOPS[1]
 
 
 def _block_size(block_mask: Any) -> tuple[int, int]:
@@ -179,11 +178,122 @@ def prepare(
     kv_block: int,
     kernel_options: dict[str, Any],
 ) -> Prepared:
-    """Compile the mods (cached on structure), choose configs, register a kernel id."""
+    """Compile the mods (cached on structure), choose configs, register a kernel id.
+
+    Repeated calls with mods of the same structure (same code, constants and captured
+    tensors' dtype/rank/requires_grad; see ``hf_flexattn.compiler``) and the same shapes take
+    a fast path: one structural walk per mod, then the captured tensors are looked up again
+    in THIS call's mods (never reused from an earlier closure)."""
+    device = torch.device(device)
+    ckey = _fast_key(
+        q_shape, v_shape, dtype, device, score_mod, mask_mod, q_block, kv_block, kernel_options
+    )
+    if ckey is not None:
+        hit = _PREP_CACHE.get(ckey[0])
+        if hit is not None:
+            caps = _recapture(hit[1], score_mod), _recapture(hit[2], mask_mod)
+            if caps[0] is not None and caps[1] is not None:
+                _check_devices(hit[1], caps[0], hit[2], caps[1], device)
+                return Prepared(hit[0], caps[0], caps[1])
+    prep, score_code, mask_code = _prepare_slow(
+        q_shape, v_shape, dtype, device, score_mod, mask_mod, q_block, kv_block, kernel_options
+    )
+    if ckey is not None:
+        if len(_PREP_CACHE) >= _PREP_CACHE_MAX:
+            _PREP_CACHE.pop(next(iter(_PREP_CACHE)))
+        _PREP_CACHE[ckey[0]] = (prep.kernel_id, score_code, mask_code, ckey[1])
+    return prep
+
+
+def _check_devices(score_code, score_caps, mask_code, mask_caps, device) -> None:
+    for name, caps in (("score_mod", score_caps), ("block_mask.mask_mod", mask_caps)):
+        for t in caps:
+            if t.device != device:
+                raise ValueError(
+                    f"{name} captures a tensor on {t.device} but query is on {device}; "
+                    f"move the captured tensor to {device}."
+                )
+
+
+# prepare's fast path: structural key of both mods + shapes -> (kernel id, ModCodes, refs)
+_PREP_CACHE: dict[tuple, tuple] = {}
+_PREP_CACHE_MAX = 256
+
+
+def _default_compile_hook(fn: Callable, kind: str, prefix: str) -> Any:
+    """Compile a mod to a ModCode (``hf_flexattn.compiler.compile_mod``); tests may replace."""
+    from ..compiler import compile_mod
+
+    return compile_mod(fn, kind, prefix=prefix)
+
+
+compile_mod_hook = _default_compile_hook
+
+
+def _mod_structure(fn: Any, noop: bool) -> tuple[Any, list] | None:
+    if fn is None or noop:
+        return ("none",), []
+    from ..compiler import trace
+
+    st = trace.structure(fn)
+    if st is None:
+        return None
+    return st[0], st[2]
+
+
+def _fast_key(q_shape, v_shape, dtype, device, score_mod, mask_mod, q_block, kv_block, opts):
+    """(cache key, objects to keep alive) for prepare's fast path, or None (not cacheable)."""
+    if compile_mod_hook is not _default_compile_hook:
+        return None
+    try:
+        s = _mod_structure(score_mod, False)
+        m = _mod_structure(mask_mod, _is_noop_mask(mask_mod))
+        if s is None or m is None:
+            return None
+        key = (
+            s[0],
+            m[0],
+            tuple(q_shape),
+            tuple(v_shape),
+            dtype,
+            device,
+            q_block,
+            kv_block,
+            tuple(sorted(opts.items())) if opts else (),
+        )
+        hash(key)
+    except (TypeError, ImportError):
+        return None
+    return key, s[1] + m[1]
+
+
+def _is_large(t: Tensor) -> bool:
+    """An element offset into ``t`` may pass 2**31 (as ``hf_flexattn.compiler`` decides)."""
+    if t.numel() == 0:
+        return False
+    return sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= 2**31 - 1
+
+
+def _recapture(code: Any, fn: Any) -> list[Tensor] | None:
+    """The captured tensors of ``fn`` for a cached ModCode of the same structure, or None."""
+    c = getattr(code, "_c", None)
+    if c is None:
+        return [] if not code.captured else None
+    tensors = c.resolve(fn)
+    if tensors is None:
+        return None
+    for t, spec in zip(tensors, code.specs):
+        if _is_large(t) != spec.large:
+            return None
+    return tensors
+
+
+def _prepare_slow(
+    q_shape, v_shape, dtype, device, score_mod, mask_mod, q_block, kv_block, kernel_options
+) -> tuple[Prepared, Any, Any]:
     from ..kernels import flex_bwd, flex_fwd
     from ..kernels._render import NoMaskMod, NoScoreMod
 
-    device = torch.device(device)
     if score_mod is None:
         score_code = NoScoreMod()
     else:
@@ -192,13 +302,7 @@ def prepare(
         mask_code = NoMaskMod()
     else:
         mask_code = compile_mod_hook(mask_mod, "mask", "mm_")
-    for name, code in (("score_mod", score_code), ("block_mask.mask_mod", mask_code)):
-        for t in code.captured:
-            if t.device != device:
-                raise ValueError(
-                    f"{name} captures a tensor on {t.device} but query is on {device}; "
-                    f"move the captured tensor to {device}."
-                )
+    _check_devices(score_code, score_code.captured, mask_code, mask_code.captured, device)
     L, E = q_shape[2], q_shape[3]
     Ev = v_shape[-1]
     cap = _capability(device)
@@ -222,7 +326,8 @@ def prepare(
             grad_slots,
         ),
     )
-    return Prepared(kid, list(score_code.captured), list(mask_code.captured))
+    prep = Prepared(kid, list(score_code.captured), list(mask_code.captured))
+    return prep, score_code, mask_code
 
 
 # --- torch.compile support -----------------------------------------------------------------
@@ -368,10 +473,7 @@ def flex_fwd_op(
     scale: float,
 ) -> tuple[Tensor, Tensor]:
     """Forward kernel: (out ``[B,Hq,L,Ev]`` in q's dtype, lse ``[B,Hq,L]`` fp32)."""
-    from ..kernels import flex_fwd
-
-    e = _ENTRIES[kernel_id]
-    return flex_fwd.launch(
+    return _fwd_impl(
         q,
         k,
         v,
@@ -379,8 +481,33 @@ def flex_fwd_op(
         kv_indices,
         full_kv_num_blocks,
         full_kv_indices,
-        _with_captured(e.score_code, score_captures),
-        _with_captured(e.mask_code, mask_captures),
+        q_num_blocks,
+        q_indices,
+        full_q_num_blocks,
+        full_q_indices,
+        score_captures,
+        mask_captures,
+        kernel_id,
+        scale,
+    )
+
+
+def _fwd_impl(
+    q, k, v, kvn, kvi, fkvn, fkvi, qn, qi, fqn, fqi, score_caps, mask_caps, kernel_id, scale
+) -> tuple[Tensor, Tensor]:
+    from ..kernels import flex_fwd
+
+    e = _ENTRIES[kernel_id]
+    return flex_fwd.launch(
+        q,
+        k,
+        v,
+        kvn,
+        kvi,
+        fkvn,
+        fkvi,
+        _with_captured(e.score_code, score_caps),
+        _with_captured(e.mask_code, mask_caps),
         scale,
         e.q_block,
         e.kv_block,
@@ -568,6 +695,189 @@ def _backward(ctx, dout, dlse):
 flex_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ------------------------------------------------------------------------------ decode
+DECODE_MIN_S = 256  # below this many keys splitting the kv work does not pay
+
+
+_DECODE_CFGS: dict[tuple, Any] = {}
+
+
+def _decode_config(
+    device: torch.device,
+    dtype: torch.dtype,
+    q_shape: tuple[int, ...],
+    k_shape: tuple[int, ...],
+    Ev: int,
+    kv_block: int,
+    num_splits: int | None,
+) -> Any:
+    """The split-KV kernel's DecodeConfig for these shapes (cached)."""
+    key = (device, dtype, q_shape, k_shape, Ev, kv_block, num_splits)
+    cfg = _DECODE_CFGS.get(key)
+    if cfg is None:
+        B, Hq, L, E = q_shape
+        cfg = _flex_decode.choose_decode_config(
+            _capability(device),
+            device,
+            dtype,
+            B,
+            Hq,
+            k_shape[1],
+            L,
+            k_shape[2],
+            max(E, Ev),
+            kv_block,
+            num_splits,
+        )
+        if len(_DECODE_CFGS) > 1024:
+            _DECODE_CFGS.clear()
+        _DECODE_CFGS[key] = cfg
+    return cfg
+
+
+def _decode_options(kernel_options: dict[str, Any]) -> tuple[Any, int | None]:
+    mode = kernel_options.get("decode")
+    if mode not in (None, "auto", True, False):
+        raise ValueError(
+            f'kernel_options["decode"] must be True, False, "auto" or None, got {mode!r}.'
+        )
+    splits = kernel_options.get("split_kv")
+    if splits is not None and (
+        isinstance(splits, bool) or not isinstance(splits, int) or splits < 1
+    ):
+        raise ValueError(f'kernel_options["split_kv"] must be a positive int, got {splits!r}.')
+    return mode, splits
+
+
+def _use_decode(
+    query: Tensor,
+    key: Tensor,
+    block_mask: Any,
+    q_block: int,
+    need_grad: bool,
+    mode: Any,
+) -> bool:
+    """True if the split-KV decode kernel should run this call (see ``kernels.flex_decode``):
+    no gradient needed, ``L * GROUP`` small, one q-block row, a head-broadcast mask unless
+    GROUP == 1, and (unless ``kernel_options["decode"]`` is True) ``S >= DECODE_MIN_S``."""
+    if mode is False or need_grad:
+        return False
+    B, Hq, L, _ = query.shape
+    S = key.shape[2]
+    if not _flex_decode.decode_supported(
+        L, Hq, key.shape[1], block_mask.kv_num_blocks.shape[1], q_block
+    ):
+        return False
+    return mode is True or S >= DECODE_MIN_S
+
+
+@torch._dynamo.assume_constant_result
+def _static_decode_splits(
+    device: str,
+    dtype: torch.dtype,
+    q_shape: tuple,
+    k_shape: tuple,
+    Ev: int,
+    kv_block: int,
+    splits: int | None,
+) -> int:
+    return _decode_config(
+        torch.device(device), dtype, q_shape, k_shape, Ev, kv_block, splits
+    ).num_splits
+
+
+@torch.library.custom_op("hf_flexattn::flex_decode", mutates_args=())
+def flex_decode_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_num_blocks: Tensor,
+    kv_indices: Tensor,
+    full_kv_num_blocks: Tensor | None,
+    full_kv_indices: Tensor | None,
+    score_captures: list[Tensor],
+    mask_captures: list[Tensor],
+    kernel_id: int,
+    scale: float,
+    num_splits: int,
+) -> tuple[Tensor, Tensor]:
+    """Split-KV forward for short queries (no autograd): (out ``[B,Hq,L,Ev]``, lse
+    ``[B,Hq,L]`` fp32)."""
+    return _decode_impl(
+        q,
+        k,
+        v,
+        kv_num_blocks,
+        kv_indices,
+        full_kv_num_blocks,
+        full_kv_indices,
+        score_captures,
+        mask_captures,
+        kernel_id,
+        scale,
+        num_splits,
+    )
+
+
+def _decode_impl(
+    q, k, v, kvn, kvi, fkvn, fkvi, score_caps, mask_caps, kernel_id, scale, num_splits
+) -> tuple[Tensor, Tensor]:
+    from ..kernels import flex_decode
+
+    e = _ENTRIES[kernel_id]
+    cfg = _decode_config(
+        q.device, q.dtype, tuple(q.shape), tuple(k.shape), v.shape[-1], e.kv_block, num_splits
+    )
+    return flex_decode.launch_decode(
+        q,
+        k,
+        v,
+        kvn,
+        kvi,
+        fkvn,
+        fkvi,
+        _with_captured(e.score_code, score_caps),
+        _with_captured(e.mask_code, mask_caps),
+        scale,
+        e.kv_block,
+        cfg,
+    )
+
+
+@flex_decode_op.register_fake
+def _flex_decode_fake(
+    q,
+    k,
+    v,
+    kv_num_blocks,
+    kv_indices,
+    full_kv_num_blocks,
+    full_kv_indices,
+    score_captures,
+    mask_captures,
+    kernel_id,
+    scale,
+    num_splits,
+):
+    B, H, L, _ = q.shape
+    return q.new_empty((B, H, L, v.shape[-1])), q.new_empty((B, H, L), dtype=torch.float32)
+
+
+def _direct_call_ok(tensors: tuple[Tensor, ...]) -> bool:
+    """True when an op's implementation may be called without the dispatcher (eager, plain
+    tensors, no modes or functorch transforms active): saves the custom-op overhead."""
+    if torch._C._is_torch_function_mode_enabled():
+        return False
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    if _get_current_dispatch_mode() is not None:
+        return False
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    if peek is None or peek() is not None:
+        return False
+    return all(type(t) is Tensor for t in tensors)
+
+
 # ------------------------------------------------------------------------------ entry point
 def flex_attention_forward(
     query: Tensor,
@@ -593,7 +903,9 @@ def flex_attention_forward(
         return torch_forward(query, key, value, score_mod, block_mask, scale, kernel_options)
     q_block, kv_block = _block_size(block_mask)
     mask_mod = block_mask.mask_mod
-    if torch.compiler.is_compiling():
+    mode, splits = _decode_options(kernel_options)
+    compiling = torch.compiler.is_compiling()
+    if compiling:
         opts = tuple(sorted((k, v) for k, v in kernel_options.items() if k != "backend"))
         kid, s_paths, m_paths = _static_prepare(
             tuple(query.shape),
@@ -608,8 +920,6 @@ def flex_attention_forward(
         )
         score_caps = [_walk(score_mod, p) for p in s_paths]
         mask_caps = [_walk(mask_mod, p) for p in m_paths]
-        qn, qi = block_mask.q_num_blocks, block_mask.q_indices
-        fqn, fqi = block_mask.full_q_num_blocks, block_mask.full_q_indices
     else:
         prep = prepare(
             tuple(query.shape),
@@ -623,17 +933,45 @@ def flex_attention_forward(
             kernel_options,
         )
         kid, score_caps, mask_caps = prep.kernel_id, prep.score_captures, prep.mask_captures
-        need_grad = torch.is_grad_enabled() and (
-            query.requires_grad
-            or key.requires_grad
-            or value.requires_grad
-            or any(t.requires_grad for t in score_caps)
+    need_grad = torch.is_grad_enabled() and (
+        query.requires_grad
+        or key.requires_grad
+        or value.requires_grad
+        or any(t.requires_grad for t in score_caps)
+    )
+    q_in, k_in, v_in = _prep_input(query), _prep_input(key), _prep_input(value)
+    if _use_decode(query, key, block_mask, q_block, need_grad, mode):
+        cfg_args = (tuple(query.shape), tuple(key.shape), value.shape[-1], kv_block, splits)
+        if compiling:
+            n_splits = _static_decode_splits(str(query.device), query.dtype, *cfg_args)
+        else:
+            n_splits = _decode_config(query.device, query.dtype, *cfg_args).num_splits
+        args = (
+            q_in,
+            k_in,
+            v_in,
+            block_mask.kv_num_blocks,
+            block_mask.kv_indices,
+            block_mask.full_kv_num_blocks,
+            block_mask.full_kv_indices,
+            score_caps,
+            mask_caps,
+            kid,
+            float(scale),
+            n_splits,
         )
+        if not compiling and _direct_call_ok((q_in, k_in, v_in)):
+            return _decode_impl(*args)
+        return flex_decode_op(*args)
+    if compiling:
+        qn, qi = block_mask.q_num_blocks, block_mask.q_indices
+        fqn, fqi = block_mask.full_q_num_blocks, block_mask.full_q_indices
+    else:
         qn, qi, fqn, fqi = _q_side(block_mask, need_grad)
-    out, lse = flex_fwd_op(
-        _prep_input(query),
-        _prep_input(key),
-        _prep_input(value),
+    args = (
+        q_in,
+        k_in,
+        v_in,
         block_mask.kv_num_blocks,
         block_mask.kv_indices,
         block_mask.full_kv_num_blocks,
@@ -647,4 +985,7 @@ def flex_attention_forward(
         kid,
         float(scale),
     )
+    if not compiling and not need_grad and _direct_call_ok((q_in, k_in, v_in)):
+        return _fwd_impl(*args)
+    out, lse = flex_fwd_op(*args)
     return out, lse

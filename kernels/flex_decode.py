@@ -1,0 +1,487 @@
+"""Split-KV (flash-decoding) forward for short queries: ``L * GROUP`` rows against long KV.
+
+Decoding calls attention with ``L`` = 1 (or a few) query rows against ``S`` = thousands of
+keys. The regular forward kernel then has only ``B * Hq`` programs, each streaming all of
+``S``, and most of each q tile is padding. This kernel instead:
+
+* gives each program ALL ``GROUP = Hq // Hkv`` q heads of one GQA group and all ``L`` rows:
+  tile row ``r = g * L + l`` (``g < GROUP``, ``l < L``), padded to ``BLOCK_M`` (a power of
+  two >= 16), so K/V of the kv head are read once per group and the dots see a useful M.
+  The mods therefore see ``h`` as a ``[BLOCK_M, 1]`` int32 tile (``hkv * GROUP + r // L``)
+  and ``q_idx = r % L`` as ``[BLOCK_M, 1]``; ``b`` stays a scalar. Padding rows reuse row 0's
+  indices and are never stored.
+* splits the q-block's kv work list (partial blocks, then full blocks, each in
+  ``KV_BLOCK // BLOCK_N`` sub-tiles) into ``num_splits`` contiguous ranges: grid
+  ``(num_splits, B * Hkv)``. Split ``s`` writes its normalised partial output and its
+  log2-sum-exp to fp32 workspaces ``[B, Hq, L, num_splits, Ev]`` / ``[B, Hq, L, num_splits]``
+  (``-inf`` and 0 for a split that saw nothing).
+* a reduce kernel (grid ``(B * Hq * L,)``) combines the splits:
+  ``lse = log(sum_s exp(lse_s))``, ``out = sum_s exp(lse_s - lse) * out_s``; rows that see
+  nothing give ``out = 0`` and ``lse = -inf``.
+
+Requirements (checked by :func:`decode_supported`): one q-block row (``L <= Q_BLOCK``), and
+the BlockMask's head dim broadcast (``H == 1``) unless ``GROUP == 1`` (with per-head masks the
+kv-block lists differ inside a group). Semantics equal the regular forward kernel's: scores
+``q.k * scale`` go through score_mod, partial tiles apply mask_mod, positions ``>= S`` never
+count; lse is natural log, fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from string import Template
+from typing import Any
+
+import torch
+
+from ._render import NoScoreMod, interpreter_on, load_rendered
+
+__all__ = [
+    "DecodeConfig",
+    "choose_decode_config",
+    "decode_supported",
+    "get_decode_kernels",
+    "launch_decode",
+    "MAX_DECODE_ROWS",
+]
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+MAX_DECODE_ROWS = 64  # L * GROUP rows per program at most
+MAX_SPLITS = 64
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Block config of the split-KV kernel; ``num_splits`` ranges of the kv work list."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    num_warps: int
+    num_stages: int
+    num_splits: int
+
+
+def decode_supported(
+    L: int, Hq: int, Hkv: int, mask_h: int, q_block: int, max_rows: int = MAX_DECODE_ROWS
+) -> bool:
+    """True if the split-KV kernel can run this call: ``L * GROUP <= max_rows``, one q-block
+    row (``L <= q_block``) and a head-broadcast BlockMask unless ``GROUP == 1``."""
+    group = Hq // Hkv
+    if L < 1 or L * group > max_rows or L > q_block:
+        return False
+    return mask_h == 1 or group == 1
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda" or interpreter_on():
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    n = _SM_COUNT.get(idx)
+    if n is None:
+        n = torch.cuda.get_device_properties(idx).multi_processor_count
+        _SM_COUNT[idx] = n
+    return n
+
+
+def _block_n(capability: tuple[int, int] | None, dtype: torch.dtype, d: int) -> tuple[int, ...]:
+    """(BLOCK_N, num_warps, num_stages) defaults."""
+    if capability is None:
+        return 64, 4, 1
+    if dtype == torch.float32:
+        return (32, 4, 2) if d > 64 else (64, 4, 2)
+    if d <= 128:
+        return 64, 4, 3
+    return 32, 4, 2
+
+
+def choose_decode_config(
+    capability: tuple[int, int] | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    B: int,
+    Hq: int,
+    Hkv: int,
+    L: int,
+    S: int,
+    head_dim: int,
+    kv_block: int,
+    num_splits: int | None = None,
+) -> DecodeConfig:
+    """Pick tiles and the number of splits.
+
+    ``num_splits`` (``kernel_options["split_kv"]``) overrides the choice; by default it aims
+    at ``4 * SM count`` programs with each split covering at least ~256 keys.
+    """
+    rows = L * (Hq // Hkv)
+    bm = max(16, _next_pow2(rows))
+    bn, warps, stages = _block_n(capability, dtype, _next_pow2(head_dim))
+    bn = min(bn, kv_block)
+    while kv_block % bn:
+        bn //= 2
+    if bn < 16:
+        raise ValueError(
+            "the Triton kernels need the BlockMask's KV block size to be a multiple of 16, "
+            f"got {kv_block}; rebuild the mask or use kernel_options={{'backend': 'torch'}}."
+        )
+    items = math.ceil(S / kv_block) * (kv_block // bn)  # sub-tiles in the longest list
+    if num_splits is None:
+        want = math.ceil(4 * _sm_count(device) / max(1, B * Hkv))
+        min_items = max(1, 256 // bn)
+        num_splits = max(1, min(want, items // min_items, MAX_SPLITS))
+    else:
+        num_splits = max(1, min(int(num_splits), items))
+    return DecodeConfig(bm, bn, warps, stages, num_splits)
+
+
+_HEADER = '''"""Generated by hf_flexattn (flex_decode). Do not edit: rendered from a template."""
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr($log2e)
+LN2 = tl.constexpr($ln2)
+'''
+
+_SPLIT = """
+@triton.jit
+def flex_decode_split_kernel(
+    Q, K, V, OP, LP,
+    s_qb, s_qh, s_qm, s_qd,
+    s_kb, s_kh, s_kn, s_kd,
+    s_vb, s_vh, s_vn, s_vd,
+    KV_NUM, KV_IDX, s_nb, s_nh, s_ib, s_ih, s_ik,
+    FKV_NUM, FKV_IDX, s_fnb, s_fnh, s_fib, s_fih, s_fik,
+    Hq, Hkv, L, S, NS, scale,
+$params
+    GROUP: tl.constexpr,
+    E: tl.constexpr, EV: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
+    HAS_FULL: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    hkv = pid_bh % Hkv
+    h0 = hkv * GROUP
+    SUBS: tl.constexpr = KV_BLOCK // BLOCK_N
+    r = tl.arange(0, BLOCK_M)
+    r_ok = r < GROUP * L
+    rc = tl.where(r_ok, r, 0)
+    l_row = rc % L
+    h = (h0 + rc // L)[:, None]
+    q_idx = l_row[:, None]
+    offs_d = tl.arange(0, E_PAD)
+    offs_dv = tl.arange(0, EV_PAD)
+    d_ok = offs_d < E
+    dv_ok = offs_dv < EV
+    b64 = b.to(tl.int64)
+    q_ptrs = (Q + b64 * s_qb + h.to(tl.int64) * s_qh + l_row[:, None].to(tl.int64) * s_qm
+              + offs_d[None, :] * s_qd)
+    if EVEN_D:
+        q = tl.load(q_ptrs)
+    else:
+        q = tl.load(q_ptrs, mask=d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    qk_scale = scale * LOG2E
+    k_base = K + b64 * s_kb + hkv.to(tl.int64) * s_kh
+    v_base = V + b64 * s_vb + hkv.to(tl.int64) * s_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, EV_PAD], dtype=tl.float32)
+
+    n_part = tl.load(KV_NUM + b * s_nb + h0 * s_nh) * SUBS
+    total = n_part
+    if HAS_FULL:
+        n_full = tl.load(FKV_NUM + b * s_fnb + h0 * s_fnh) * SUBS
+        total = n_part + n_full
+    per = (total + NS - 1) // NS
+    lo = pid_s * per
+    hi = tl.minimum(lo + per, total)
+    idx_base = KV_IDX + b * s_ib + h0 * s_ih
+$partial_loop
+    if HAS_FULL:
+        idx_base = FKV_IDX + b * s_fib + h0 * s_fih
+$full_loop
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse2 = tl.where(seen, m_i + tl.log2(l_safe), float("-inf"))
+    h_row = h0 + rc // L
+    prow = ((b64 * Hq + h_row.to(tl.int64)) * L + l_row.to(tl.int64)) * NS + pid_s
+    op_ptrs = OP + prow[:, None] * EV + offs_dv[None, :]
+    if EVEN_D:
+        tl.store(op_ptrs, out, mask=r_ok[:, None])
+    else:
+        tl.store(op_ptrs, out, mask=r_ok[:, None] & dv_ok[None, :])
+    tl.store(LP + prow, lse2, mask=r_ok)
+
+
+@triton.jit
+def flex_decode_reduce_kernel(
+    OP, LP, O, LSE,
+    s_ob, s_oh, s_om, s_od,
+    Hq, L, NS,
+    EV: tl.constexpr, EV_PAD: tl.constexpr, NS_PAD: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, NS_PAD)
+    offs_dv = tl.arange(0, EV_PAD)
+    s_ok = offs_s < NS
+    dv_ok = offs_dv < EV
+    lse_s = tl.load(LP + row * NS + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse_s - m_use)
+    o_ptrs = OP + (row * NS + offs_s[:, None]) * EV + offs_dv[None, :]
+    o_s = tl.load(o_ptrs, mask=s_ok[:, None] & dv_ok[None, :], other=0.0)
+    tot = tl.sum(w, 0)
+    seen = tot > 0.0
+    tot_safe = tl.where(seen, tot, 1.0)
+    out = tl.sum(o_s * w[:, None], 0) / tot_safe
+    lse = tl.where(seen, (m_use + tl.log2(tot_safe)) * LN2, float("-inf"))
+    bh = row // L
+    lq = row % L
+    b = bh // Hq
+    hq = bh % Hq
+    o_ptrs = O + b * s_ob + hq * s_oh + lq * s_om + offs_dv * s_od
+    if EVEN_D:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty))
+    else:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=dv_ok)
+    tl.store(LSE + row, lse)
+"""
+
+_LOOP = """
+$I    for it in range($start, $stop):
+$I        kvblk = tl.load(idx_base + (it // SUBS) * $sik)
+$I        start_n = kvblk * KV_BLOCK + (it % SUBS) * BLOCK_N
+$I        offs_n = start_n + tl.arange(0, BLOCK_N)
+$I        n_ok = offs_n < S
+$I        if BIG:
+$I            cols = offs_n.to(tl.int64)
+$I        else:
+$I            cols = offs_n
+$I        k_ptrs = k_base + cols[:, None] * s_kn + offs_d[None, :] * s_kd
+$I        v_ptrs = v_base + cols[:, None] * s_vn + offs_dv[None, :] * s_vd
+$I        if EVEN_N and EVEN_D:
+$I            k = tl.load(k_ptrs)
+$I            v = tl.load(v_ptrs)
+$I        else:
+$I            k = tl.load(k_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+$I            v = tl.load(v_ptrs, mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+$I        if UPCAST:
+$I            k = k.to(tl.float32)
+$I            v = v.to(tl.float32)
+$I        qk = tl.dot(q, tl.trans(k)$prec)
+$I        kv_idx = offs_n[None, :]
+$score_body$mask_part$I        m_new = tl.maximum(m_i, tl.max(s2, 1))
+$I        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+$I        alpha = tl.exp2(m_i - m_use)
+$I        p = tl.exp2(s2 - m_use[:, None])
+$I        l_i = l_i * alpha + tl.sum(p, 1)
+$I        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None]$prec)
+$I        m_i = m_new
+"""
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype != torch.float32 or interpreter_on():
+        return ""
+    if torch.backends.cuda.matmul.allow_tf32:
+        return ', input_precision="tf32"'
+    return ', input_precision="ieee"'
+
+
+def _is_identity(score_code: Any) -> bool:
+    return getattr(score_code, "key", None) == NoScoreMod.key
+
+
+def _loop(score_code: Any, mask_code: Any, partial: bool, prec: str) -> str:
+    extra = "" if partial else "    "
+    ind = "        " + extra
+    if _is_identity(score_code):
+        score_body = f"{ind}s2 = qk * qk_scale\n"
+        scaled = "s2"
+    else:
+        score_body = f"{ind}s = qk * scale\n" + score_code.fwd_body(
+            out="s2", score="s", b="b", h="h", q="q_idx", kv="kv_idx", indent=ind
+        )
+        scaled = "s2 * LOG2E"
+    if partial:
+        mask_part = mask_code.fwd_body(
+            out="mk", score=None, b="b", h="h", q="q_idx", kv="kv_idx", indent=ind
+        )
+        mask_part += (
+            f"{ind}if EVEN_N:\n{ind}    keep = mk\n{ind}else:\n{ind}    keep = mk & n_ok[None, :]\n"
+            f'{ind}s2 = tl.where(keep, {scaled}, float("-inf"))\n'
+        )
+        start, stop, sik = "lo", "tl.minimum(hi, n_part)", "s_ik"
+    else:
+        mask_part = f"{ind}if EVEN_N:\n{ind}    s2 = {scaled}\n{ind}else:\n"
+        mask_part += f'{ind}    s2 = tl.where(n_ok[None, :], {scaled}, float("-inf"))\n'
+        start, stop, sik = "tl.maximum(lo, n_part) - n_part", "hi - n_part", "s_fik"
+    return Template(_LOOP).substitute(
+        I=extra,
+        prec=prec,
+        score_body=score_body,
+        mask_part=mask_part,
+        start=start,
+        stop=stop,
+        sik=sik,
+    )
+
+
+def render_decode(score_code: Any, mask_code: Any, dtype: torch.dtype) -> str:
+    """Source of the split and reduce kernels for this pair of mods."""
+    prec = _dot_precision(dtype)
+    names = list(score_code.params) + list(mask_code.params)
+    return Template(_HEADER).substitute(log2e=repr(LOG2E), ln2=repr(LN2)) + Template(
+        _SPLIT
+    ).substitute(
+        params="".join(f"    {n},\n" for n in names),
+        partial_loop=_loop(score_code, mask_code, True, prec),
+        full_loop=_loop(score_code, mask_code, False, prec),
+    )
+
+
+def get_decode_kernels(score_code: Any, mask_code: Any, dtype: torch.dtype) -> tuple[Any, Any]:
+    """(split kernel, reduce kernel), rendered once per (mods' structure, dtype)."""
+    key = ("flex_decode", 1, score_code.key, mask_code.key, str(dtype), _dot_precision(dtype))
+    mod = load_rendered("flex_decode", key, lambda: render_decode(score_code, mask_code, dtype))
+    return mod.flex_decode_split_kernel, mod.flex_decode_reduce_kernel
+
+
+# ------------------------------------------------------------------------------ workspace
+_WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_MAX_WORKSPACES = 16
+
+
+def _workspace(
+    device: torch.device, B: int, Hq: int, L: int, ns: int, Ev: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 partial out ``[B, Hq, L, ns, Ev]`` and lse ``[B, Hq, L, ns]``, reused per shape
+    (and CUDA stream); fresh while a CUDA graph is being captured."""
+    stream = None
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return (
+                torch.empty((B, Hq, L, ns, Ev), dtype=torch.float32, device=device),
+                torch.empty((B, Hq, L, ns), dtype=torch.float32, device=device),
+            )
+        stream = torch.cuda.current_stream(device).cuda_stream
+    key = (device, stream, B, Hq, L, ns, Ev)
+    ws = _WORKSPACE.get(key)
+    if ws is None:
+        if len(_WORKSPACE) >= _MAX_WORKSPACES:
+            _WORKSPACE.pop(next(iter(_WORKSPACE)))
+        ws = (
+            torch.empty((B, Hq, L, ns, Ev), dtype=torch.float32, device=device),
+            torch.empty((B, Hq, L, ns), dtype=torch.float32, device=device),
+        )
+        _WORKSPACE[key] = ws
+    return ws
+
+
+def _index_args(num: torch.Tensor, idx: torch.Tensor, B: int, H: int) -> list:
+    """Pointers and (b, h, k) strides of a q-block-0 index pair; broadcast dims stride 0."""
+    n = num.expand(B, H, num.shape[-1])
+    i = idx.expand(B, H, idx.shape[-2], idx.shape[-1])
+    ns, isd = n.stride(), i.stride()
+    return [num, idx, ns[0], ns[1], isd[0], isd[1], isd[3]]
+
+
+def launch_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_num: torch.Tensor,
+    kv_idx: torch.Tensor,
+    full_num: torch.Tensor | None,
+    full_idx: torch.Tensor | None,
+    score_code: Any,
+    mask_code: Any,
+    scale: float,
+    kv_block: int,
+    cfg: DecodeConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the split-KV forward. q ``[B,Hq,L,E]``, k ``[B,Hkv,S,E]``, v ``[B,Hkv,S,Ev]``
+    (last dims contiguous recommended), BlockMask index tensors ``[Bm, Hm, nQ(, k)]`` whose
+    q-block 0 covers all ``L`` rows. Returns out ``[B,Hq,L,Ev]`` (q's dtype) and lse
+    ``[B,Hq,L]`` fp32 natural log (``-inf`` where a row sees nothing)."""
+    B, Hq, L, E = q.shape
+    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    out = torch.empty((B, Hq, L, Ev), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
+    if L == 0 or B * Hq == 0:
+        return out, lse
+    ns = cfg.num_splits
+    split, reduce = get_decode_kernels(score_code, mask_code, q.dtype)
+    op, lp = _workspace(q.device, B, Hq, L, ns, Ev)
+    has_full = full_num is not None and full_idx is not None
+    e_pad, ev_pad = max(16, _next_pow2(E)), max(16, _next_pow2(Ev))
+    even_d = E == e_pad and Ev == ev_pad
+    big = S * max(abs(k.stride(2)), abs(v.stride(2))) >= 2**31 - 1
+    upcast = interpreter_on()
+    kvi = _index_args(kv_num, kv_idx, B, Hq)
+    fkvi = _index_args(full_num, full_idx, B, Hq) if has_full else kvi
+    split[(ns, B * Hkv)](
+        q,
+        k,
+        v,
+        op,
+        lp,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *kvi,
+        *fkvi,
+        Hq,
+        Hkv,
+        L,
+        S,
+        ns,
+        float(scale),
+        *score_code.runtime_args(),
+        *mask_code.runtime_args(),
+        GROUP=Hq // Hkv,
+        E=E,
+        EV=Ev,
+        E_PAD=e_pad,
+        EV_PAD=ev_pad,
+        BLOCK_M=cfg.BLOCK_M,
+        BLOCK_N=cfg.BLOCK_N,
+        KV_BLOCK=kv_block,
+        HAS_FULL=has_full,
+        UPCAST=upcast,
+        BIG=big,
+        EVEN_N=S % kv_block == 0,
+        EVEN_D=even_d,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    reduce[(B * Hq * L,)](
+        op,
+        lp,
+        out,
+        lse,
+        *out.stride(),
+        Hq,
+        L,
+        ns,
+        EV=Ev,
+        EV_PAD=ev_pad,
+        NS_PAD=max(2, _next_pow2(ns)),
+        EVEN_D=Ev == ev_pad,
+        num_warps=4 if ev_pad * ns >= 2048 else 2,
+    )
+    return out, lse

@@ -1,0 +1,414 @@
+"""Split-KV decode kernel (``kernels/flex_decode.py``) and its dispatch in the Triton backend.
+
+Checks the decode kernel against the float64 dense reference (error-ratio tolerance) and
+against the regular forward kernel, on decode shapes (``L`` = 1..4 rows, GQA ratios 1..4,
+ragged ``S``, splits that do not divide the kv work, empty splits and rows that see
+nothing), the dispatch rule (used only without gradients, for small ``L * GROUP``, long
+``S`` and head-broadcast masks unless GROUP == 1) and prepare's per-call fast path.
+``interpreter`` tests run under ``TRITON_INTERPRET=1``; ``cuda`` tests use large bf16 shapes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from hf_flexattn.kernels import flex_decode, flex_fwd  # noqa: E402
+from reference import assert_close_by_ratio, reference_attention  # noqa: E402
+
+from hf_flexattn import mods as M  # noqa: E402
+from hf_flexattn.api import flex_attention  # noqa: E402
+from hf_flexattn.backends import triton_backend as tb  # noqa: E402
+from hf_flexattn.block_mask import create_block_mask, noop_mask  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
+
+pytestmark = pytest.mark.interpreter
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("HF_FLEXATTN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "kc"))
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts launches of the decode and of the regular forward kernel."""
+    n = {"decode": 0, "fwd": 0}
+    dec, fwd = flex_decode.launch_decode, flex_fwd.launch
+
+    def count_dec(*a, **k):
+        n["decode"] += 1
+        return dec(*a, **k)
+
+    def count_fwd(*a, **k):
+        n["fwd"] += 1
+        return fwd(*a, **k)
+
+    monkeypatch.setattr(flex_decode, "launch_decode", count_dec)
+    monkeypatch.setattr(flex_fwd, "launch", count_fwd)
+    return n
+
+
+def _inputs(B, Hq, Hkv, L, S, E, Ev, dtype, seed=0, device=DEV):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, L, E, generator=g).to(device, dtype)
+    k = torch.randn(B, Hkv, S, E, generator=g).to(device, dtype)
+    v = torch.randn(B, Hkv, S, Ev, generator=g).to(device, dtype)
+    return q, k, v
+
+
+def _run(q, k, v, score_mod, bm, opts, scale=None):
+    return flex_attention(
+        q,
+        k,
+        v,
+        score_mod,
+        bm,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+        return_lse=True,
+        kernel_options=dict({"backend": "triton"}, **opts),
+    )
+
+
+def _check(
+    calls,
+    B,
+    Hq,
+    Hkv,
+    L,
+    S,
+    *,
+    E=16,
+    Ev=16,
+    score_mod=None,
+    mask_mod=None,
+    mask_bh=(None, None),
+    block=(16, 64),
+    dtype=torch.float32,
+    splits=None,
+    scale=None,
+    compare_regular=True,
+):
+    q, k, v = _inputs(B, Hq, Hkv, L, S, E, Ev, dtype)
+    bm = create_block_mask(
+        mask_mod or noop_mask, mask_bh[0], mask_bh[1], L, S, device=DEV, BLOCK_SIZE=block
+    )
+    opts = {"decode": True} if splits is None else {"decode": True, "split_kv": splits}
+    before = calls["decode"]
+    out, lse = _run(q, k, v, score_mod, bm, opts, scale)
+    assert calls["decode"] == before + 1, "the decode kernel did not run"
+    assert out.shape == (B, Hq, L, Ev) and out.dtype == dtype and lse.dtype == torch.float32
+    gqa = Hq != Hkv
+    r_out, r_lse = reference_attention(q, k, v, score_mod, mask_mod, scale, gqa)
+    b_out, b_lse = reference_attention(
+        q, k, v, score_mod, mask_mod, scale, gqa, compute_dtype=dtype
+    )
+    assert_close_by_ratio(out, r_out, b_out, "out")
+    assert_close_by_ratio(lse, r_lse, b_lse, "lse")
+    if compare_regular:
+        n_fwd = calls["fwd"]
+        o2, l2 = _run(q, k, v, score_mod, bm, {"decode": False}, scale)
+        assert calls["fwd"] == n_fwd + 1
+        tol = 2e-6 if dtype == torch.float32 else 2e-3
+        torch.testing.assert_close(out.float(), o2.float(), atol=tol, rtol=tol)
+        torch.testing.assert_close(lse, l2, atol=tol, rtol=tol)
+    return out, lse
+
+
+# ------------------------------------------------------------------ kernel vs reference
+@pytest.mark.parametrize(
+    "Hq,Hkv,L",
+    [(2, 2, 1), (4, 2, 1), (6, 2, 2), (8, 2, 4), (3, 1, 4), (16, 4, 4)],
+    ids=lambda x: str(x),
+)
+def test_causal_offset_gqa(calls, Hq, Hkv, L):
+    S = 300
+    _check(calls, 1, Hq, Hkv, L, S, mask_mod=M.causal(S - L))
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 4, 7, 64])
+def test_splits_uneven_and_empty(calls, splits):
+    # 5 kv blocks of 64 = 5 work items: 3 and 4 splits leave ragged / empty splits,
+    # 64 is clamped to the item count
+    S = 300
+    _check(calls, 1, 4, 2, 2, S, mask_mod=M.causal(S - 2), splits=splits, compare_regular=False)
+
+
+def test_alibi_gqa_h_tile(calls):
+    # slopes[h] is a gather over the per-row head tile (h = hkv * GROUP + r // L)
+    S, L = 300, 2
+    slopes = torch.as_tensor(M.alibi_slopes_bloom(8), dtype=torch.float32).to(DEV)
+    _check(calls, 2, 8, 2, L, S, score_mod=M.alibi(slopes), mask_mod=M.causal(S - L))
+
+
+def test_softcap_sliding_window(calls):
+    S, L = 333, 1
+    _check(
+        calls,
+        1,
+        4,
+        2,
+        L,
+        S,
+        score_mod=M.softcap(20.0),
+        mask_mod=M.sliding_window(100, offset=S - L),
+        scale=1.0,
+    )
+
+
+def test_key_padding_per_batch_rows_see_nothing(calls):
+    S, L = 280, 2
+    lengths = torch.tensor([0, 150, 280], device=DEV)  # batch 0 sees nothing
+    out, lse = _check(calls, 3, 4, 2, L, S, mask_mod=M.key_padding(lengths), mask_bh=(3, None))
+    assert (out[0] == 0).all() and torch.isneginf(lse[0]).all()
+
+
+def test_documents_per_batch(calls):
+    S, L = 300, 2
+    ids = torch.stack(
+        [
+            torch.repeat_interleave(torch.arange(3), torch.tensor([100, 150, 50])),
+            torch.repeat_interleave(torch.arange(2), torch.tensor([20, 280])),
+        ]
+    ).to(DEV)
+    off = S - L
+
+    def doc_decode(b, h, q_idx, kv_idx):
+        return (ids[b, q_idx + off] == ids[b, kv_idx]) & (q_idx + off >= kv_idx)
+
+    _check(calls, 2, 4, 4, L, S, mask_mod=doc_decode, mask_bh=(2, None))
+
+
+def test_head_dependent_mask_broadcast_lists(calls):
+    # the BlockMask is built for h = 0 (H broadcast): every listed block is partial, so the
+    # per-row head tile of the mask code decides; lens[h] is a gather
+    S, L = 300, 1
+    lens = torch.tensor([300, 250, 120, 64, 299, 10], device=DEV)
+
+    def per_head(b, h, q_idx, kv_idx):
+        return (kv_idx % 5 != h % 3) & (kv_idx < lens[h])
+
+    _check(calls, 1, 6, 2, L, S, mask_mod=per_head, compare_regular=True)
+
+
+def test_per_head_mask_group_1(calls):
+    S, L = 300, 2
+    lens = torch.tensor([300, 70, 0], device=DEV)  # head 2 sees nothing
+
+    def head_len(b, h, q_idx, kv_idx):
+        return kv_idx < lens[h] - q_idx
+
+    out, lse = _check(calls, 1, 3, 3, L, S, mask_mod=head_len, mask_bh=(None, 3))
+    assert torch.isneginf(lse[:, 2]).all() and (out[:, 2] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16])
+def test_low_precision_ragged_head_dims(calls, dtype):
+    S, L = 290, 3
+    _check(calls, 1, 4, 2, L, S, E=24, Ev=40, mask_mod=M.causal(S - L), dtype=dtype)
+
+
+def test_no_mask_full_blocks_only(calls):
+    _check(calls, 1, 4, 1, 1, 257, block=(16, 32), splits=5)
+
+
+# ------------------------------------------------------------------ dispatch
+def _dispatch(
+    calls,
+    *,
+    Hq=4,
+    Hkv=2,
+    L=1,
+    S=300,
+    grad=False,
+    no_grad=False,
+    mask_h=None,
+    opts=None,
+    block=(16, 64),
+):
+    q, k, v = _inputs(1, Hq, Hkv, L, S, 16, 16, torch.float32)
+    for t in (q, k, v):
+        t.requires_grad_(grad)
+    bm = create_block_mask(M.causal(S - L), None, mask_h, L, S, device=DEV, BLOCK_SIZE=block)
+    n = dict(calls)
+    with torch.set_grad_enabled(not no_grad):
+        _run(q, k, v, None, bm, opts or {})
+    used = calls["decode"] - n["decode"]
+    assert used + calls["fwd"] - n["fwd"] == 1
+    return used == 1
+
+
+def test_dispatch_rule(calls):
+    assert _dispatch(calls)  # auto: L = 1, S = 300 >= DECODE_MIN_S
+    assert not _dispatch(calls, S=200)  # short kv: regular kernel
+    assert _dispatch(calls, S=200, opts={"decode": True})
+    assert not _dispatch(calls, opts={"decode": False})
+    assert not _dispatch(calls, grad=True)  # gradient needed
+    assert _dispatch(calls, grad=True, no_grad=True)
+    assert not _dispatch(calls, Hq=32, Hkv=1, L=4)  # L * GROUP = 128 rows
+    assert _dispatch(calls, Hq=16, Hkv=1, L=4)  # 64 rows
+    assert not _dispatch(calls, Hq=4, Hkv=2, mask_h=4)  # per-head lists inside a group
+    assert _dispatch(calls, Hq=4, Hkv=4, mask_h=4)  # GROUP == 1: per-head lists are fine
+    assert not _dispatch(calls, L=32, Hq=2, Hkv=2, opts={"decode": True})  # L > Q_BLOCK
+
+
+def test_bad_options():
+    q, k, v = _inputs(1, 2, 2, 1, 300, 16, 16, torch.float32)
+    bm = create_block_mask(noop_mask, None, None, 1, 300, device=DEV, BLOCK_SIZE=(16, 64))
+    with pytest.raises(ValueError, match="decode"):
+        _run(q, k, v, None, bm, {"decode": "yes"})
+    with pytest.raises(ValueError, match="split_kv"):
+        _run(q, k, v, None, bm, {"split_kv": 0})
+
+
+def test_choose_decode_config():
+    cpu = torch.device("cpu")
+    cfg = flex_decode.choose_decode_config((9, 0), cpu, torch.bfloat16, 8, 16, 8, 1, 2049, 128, 128)
+    assert cfg.BLOCK_M == 16 and 128 % cfg.BLOCK_N == 0
+    items = math.ceil(2049 / 128) * (128 // cfg.BLOCK_N)
+    assert 1 <= cfg.num_splits and items // cfg.num_splits >= 256 // cfg.BLOCK_N
+    assert (
+        flex_decode.choose_decode_config(
+            None, cpu, torch.float32, 1, 4, 2, 4, 300, 16, 64, num_splits=1000
+        ).num_splits
+        == 5
+    )  # clamped to the work items
+    assert (
+        flex_decode.choose_decode_config(None, cpu, torch.float32, 1, 64, 1, 1, 300, 16, 64).BLOCK_M
+        == 64
+    )
+
+
+# ------------------------------------------------------------------ prepare fast path
+def test_prepare_fast_path_takes_current_captures(calls):
+    S, L = 300, 1
+    q, k, v = _inputs(1, 4, 2, L, S, 16, 16, torch.float32)
+    bm = create_block_mask(M.causal(S - L), None, None, L, S, device=DEV, BLOCK_SIZE=(16, 64))
+    outs = []
+    for scale_h in (0.5, -2.0):
+        slopes = torch.full((4,), scale_h, device=DEV)  # new closure, new values each time
+        sm = M.alibi(slopes)
+        out, lse = _run(q, k, v, sm, bm, {})
+        r_out, _ = reference_attention(q, k, v, sm, M.causal(S - L), None, True)
+        b_out, _ = reference_attention(
+            q, k, v, sm, M.causal(S - L), None, True, compute_dtype=torch.float32
+        )
+        assert_close_by_ratio(out, r_out, b_out, "out")
+        outs.append(out)
+    assert not torch.allclose(outs[0], outs[1])
+
+
+def test_prepare_fast_path_sees_changed_constant():
+    state = {"off": 3}
+
+    def shifted(b, h, q_idx, kv_idx):
+        return q_idx + state["off"] >= kv_idx
+
+    args = ((1, 2, 4, 16), (1, 2, 64, 16), torch.float32, torch.device(DEV), None, shifted, 16, 16)
+    p1 = tb.prepare(*args, {})
+    assert tb.prepare(*args, {}).kernel_id == p1.kernel_id  # cached
+    state["off"] = 7  # a Python constant of the mod changed: a different kernel
+    assert tb.prepare(*args, {}).kernel_id != p1.kernel_id
+
+
+# ------------------------------------------------------------------ torch.compile
+def test_torch_compile_decode_op(calls):
+    S, L = 300, 1
+    q, k, v = _inputs(1, 4, 2, L, S, 16, 16, torch.float32)
+    bm = create_block_mask(M.causal(S - L), None, None, L, S, device=DEV, BLOCK_SIZE=(16, 64))
+
+    def f(q, k, v):
+        return flex_attention(
+            q, k, v, None, bm, enable_gqa=True, kernel_options={"backend": "triton"}
+        )
+
+    eager = f(q, k, v)
+    torch._dynamo.reset()
+    n = calls["decode"]
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    assert calls["decode"] > n
+    torch.testing.assert_close(compiled, eager)
+
+
+# ------------------------------------------------------------------ CUDA (device machine)
+@pytest.mark.cuda
+@pytest.mark.parametrize("L", [1, 4])
+@pytest.mark.parametrize("alibi", [False, True])
+def test_cuda_llama_decode_bf16(calls, L, alibi):
+    B, Hq, Hkv, S, D = 8, 16, 8, 2049, 128
+    sm = None
+    if alibi:
+        sm = M.alibi(torch.as_tensor(M.alibi_slopes_bloom(Hq), dtype=torch.float32).to(DEV))
+    _check(
+        calls,
+        B,
+        Hq,
+        Hkv,
+        L,
+        S,
+        E=D,
+        Ev=D,
+        score_mod=sm,
+        mask_mod=M.causal(S - L),
+        block=(128, 128),
+        dtype=torch.bfloat16,
+    )
+
+
+@pytest.mark.cuda
+def test_cuda_decode_gqa4_padding_fp16(calls):
+    B, Hq, Hkv, S, D, L = 4, 32, 8, 4097, 64, 2
+    lengths = torch.tensor([4097, 1000, 0, 3000], device=DEV)
+    _check(
+        calls,
+        B,
+        Hq,
+        Hkv,
+        L,
+        S,
+        E=D,
+        Ev=D,
+        mask_mod=M.key_padding(lengths),
+        mask_bh=(B, None),
+        block=(128, 128),
+        dtype=torch.float16,
+    )
+
+
+# ------------------------------------------------------------------ zoo through the decode kernel
+def _zoo():
+    try:
+        from zoo import ZOO
+    except ImportError:  # pragma: no cover
+        return []
+    return ZOO
+
+
+@pytest.mark.parametrize("case", _zoo(), ids=lambda c: c.name)
+def test_zoo_decode_rows(calls, case):
+    """Every zoo mod on its first few query rows, forced through the decode kernel."""
+    import dataclasses
+
+    from zoo import make_block_mask
+
+    c = dataclasses.replace(case, L=min(case.L, 4 if case.Hq // case.Hkv <= 4 else 2))
+    score_mod, mask_mod, _ = c.build(torch.device(DEV))
+    q, k, v = _inputs(c.B, c.Hq, c.Hkv, c.L, c.S, c.E, c.Ev, torch.float32)
+    bm = make_block_mask(c, mask_mod, DEV)
+    n = calls["decode"]
+    with torch.no_grad():
+        out, lse = _run(q, k, v, score_mod, bm, {"decode": True, "split_kv": 3}, c.scale)
+        r_out, r_lse = reference_attention(q, k, v, score_mod, mask_mod, c.scale, c.gqa)
+        b_out, b_lse = reference_attention(
+            q, k, v, score_mod, mask_mod, c.scale, c.gqa, compute_dtype=torch.float32
+        )
+    assert calls["decode"] == n + 1
+    assert_close_by_ratio(out, r_out, b_out, "out")
+    assert_close_by_ratio(lse, r_lse, b_lse, "lse")
