@@ -3,7 +3,7 @@
 :func:`compile_mod` traces a mod once per *structure* (code objects, Python constants and
 the dtype/rank/requires_grad of the tensors it captures; not the closure's identity and not
 tensor values or sizes), lowers the graph to Triton statements and describes the captured
-tensors that become kernel arguments.  See docs/INTERFACES.md, "Compiler -> kernel
+tensors that become kernel arguments.  See hf_flexattn/INTERFACES.md, "Compiler -> kernel
 interface", and the docstrings of :mod:`.trace`, :mod:`.lower` and :mod:`.grad`.
 
 Example (what a kernel template does)::

@@ -1,6 +1,6 @@
 """Lower a mod graph to Triton statements over tiles.
 
-Tile conventions (see docs/INTERFACES.md): ``b``, ``h`` are int32 scalars, ``q`` is
+Tile conventions (see hf_flexattn/INTERFACES.md): ``b``, ``h`` are int32 scalars, ``q`` is
 ``[BM, 1]`` int32, ``kv`` is ``[1, BN]`` int32, ``score`` is fp32 ``[BM, BN]``.  Values take
 the broadcast shape of the inputs they depend on.  With ``transposed=True`` (the dK/dV
 kernel's orientation) ``q`` is ``[1, BM]``, ``kv`` is ``[BN, 1]`` and tiles are ``[BN, BM]``:
