@@ -325,27 +325,33 @@ def _padding_status(pad: torch.Tensor, n: int, block: int) -> tuple[torch.Tensor
 def _to_block_mask(
     any_: torch.Tensor, all_: torch.Tensor, mask_mod: Callable, seq: tuple[int, int], block: int
 ) -> Any:
-    """Dense block status ``[B, H, nQ, nKV]`` -> BlockMask (torch's index ordering)."""
+    """Dense block status ``[B, H, nQ, nKV]`` -> BlockMask (torch's index ordering).
+
+    Under ``torch.no_grad()`` (generation) the q-side lists, which only the backward reads,
+    are left out; the Triton backend derives them if a backward ever needs them.
+    """
+    from hf_flexattn.block_mask import BlockMask, _block_mask_from_block_tables, _dense_to_ordered
+
     partial = any_ & ~all_
     full = all_
-
-    def ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        d = dense.to(torch.int8)
-        num = d.sum(-1, dtype=torch.int32)
-        idx = torch.sort(d, dim=-1, descending=True, stable=True).indices.to(torch.int32)
-        return num.contiguous(), idx.contiguous()
-
-    kv_num, kv_idx = ordered(partial)
-    full_num, full_idx = ordered(full)
-    cls = _block_mask_cls()
-    return cls.from_kv_blocks(
-        kv_num,
-        kv_idx,
-        full_num,
-        full_idx,
+    if torch.is_grad_enabled():
+        return _block_mask_from_block_tables(
+            partial, full, seq[0], seq[1], (block, block), mask_mod
+        )
+    kv_num, kv_idx = _dense_to_ordered(partial)
+    full_num, full_idx = _dense_to_ordered(full)
+    return BlockMask(
+        seq_lengths=seq,
+        kv_num_blocks=kv_num,
+        kv_indices=kv_idx,
+        full_kv_num_blocks=full_num,
+        full_kv_indices=full_idx,
+        q_num_blocks=None,
+        q_indices=None,
+        full_q_num_blocks=None,
+        full_q_indices=None,
         BLOCK_SIZE=(block, block),
         mask_mod=mask_mod,
-        seq_lengths=seq,
     )
 
 
