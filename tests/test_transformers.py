@@ -355,9 +355,11 @@ def test_mask_is_cached_and_skips_tiles():
     a = integ.flex_mask(2, 40, 40)
     b = integ.flex_mask(2, 40, 40)
     assert a is b
-    # causal 40x40 with 8-wide tiles: 5 diagonal partial tiles, 10 full tiles below them
-    assert int(a.kv_num_blocks.sum()) == 5
-    assert int(a.full_kv_num_blocks.sum()) == 10
+    # causal 40x40 with T-wide tiles: n = ceil(40 / T) diagonal partial tiles (the ragged
+    # last one included) and n (n - 1) / 2 full tiles below them
+    n = -(-40 // integ.BLOCK_SIZE)
+    assert int(a.kv_num_blocks.sum()) == n
+    assert int(a.full_kv_num_blocks.sum()) == n * (n - 1) // 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -577,3 +579,23 @@ def test_sinks_fold_into_normaliser_with_gradients():
     g2 = torch.autograd.grad((expect * w).sum(), (q, k, v, sinks))
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
+
+
+def test_cu_seq_lens_q_and_k_must_agree():
+    q = torch.randn(1, 4, 12, 16)
+    k = torch.randn(1, 2, 12, 16)
+    cu_q = torch.tensor([0, 5, 12], dtype=torch.int32)
+    kw = dict(cu_seq_lens_q=cu_q, cu_seq_lens_k=torch.tensor([0, 6, 12], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cu_seq_lens_q and cu_seq_lens_k differ"):
+        integ.flex_attention_forward(None, q, k, k, None, **kw)
+    # equal contents in distinct tensors (what DataCollatorWithFlattening sends) are fine
+    q, k = q.double(), k.double()
+    out, _ = integ.flex_attention_forward(
+        None, q, k, k, None, cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_q.clone()
+    )
+    assert out.shape == (1, 12, 4, 16)
+    for a, b in ((0, 5), (5, 12)):  # each document alone, causal
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, a:b], k[:, :, a:b], k[:, :, a:b], is_causal=True, enable_gqa=True
+        )
+        torch.testing.assert_close(out[:, a:b], ref.transpose(1, 2), rtol=1e-10, atol=1e-10)

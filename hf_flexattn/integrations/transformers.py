@@ -368,7 +368,8 @@ def _offset_tensor(value: int, device: torch.device) -> torch.Tensor:
     key = (str(device), int(value))
     t = _OFFSETS.get(key)
     if t is None:
-        t = torch.tensor(int(value), dtype=torch.long, device=device)
+        # a fill kernel, not a host-to-device copy (which would wait for the GPU)
+        t = torch.full((), int(value), dtype=torch.long, device=device)
         _OFFSETS[key] = t
         while len(_OFFSETS) > 4096:
             _OFFSETS.popitem(last=False)
@@ -755,6 +756,25 @@ def run_flex(
     return (out * factor.unsqueeze(-1).to(out.dtype)).to(query.dtype)
 
 
+_CU_CHECKED: OrderedDict[tuple, tuple] = OrderedDict()
+
+
+def _cu_differ(cu_q: torch.Tensor, cu_k: torch.Tensor) -> bool:
+    """Whether two ``cu_seq_lens`` tensors differ; the value comparison (a device sync on
+    CUDA) runs once per pair of tensors, not once per layer."""
+    if cu_q.shape != cu_k.shape:
+        return True
+    key = (_tensor_key(cu_q), _tensor_key(cu_k))
+    hit = _CU_CHECKED.get(key)
+    if hit is not None and hit[0] is cu_q and hit[1] is cu_k:  # same live tensors
+        return hit[2]
+    differ = not torch.equal(cu_q, cu_k)
+    _CU_CHECKED[key] = (cu_q, cu_k, differ)
+    while len(_CU_CHECKED) > 64:
+        _CU_CHECKED.popitem(last=False)
+    return differ
+
+
 def select_mask(
     attention_mask: Any,
     batch: int,
@@ -792,7 +812,7 @@ def select_mask(
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     position_ids = kwargs.get("position_ids")
     if isinstance(cu_q, torch.Tensor) and Lq == Lk and causal:
-        if cu_k is not None and cu_k is not cu_q and not torch.equal(cu_k, cu_q):
+        if cu_k is not None and cu_k is not cu_q and _cu_differ(cu_q, cu_k):
             raise ValueError(
                 "cu_seq_lens_q and cu_seq_lens_k differ; only self-attention over "
                 "packed rows is supported."
