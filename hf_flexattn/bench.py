@@ -1123,18 +1123,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _config(args: argparse.Namespace) -> Config:
-    q = args.quick
-    if args.device is not None:
-        device = torch.device(args.device)
-    elif q or not torch.cuda.is_available():
+def resolve_device(arg: str | None, quick: bool) -> torch.device:
+    """``--device``, else CUDA when available and not ``--quick``, else the CPU."""
+    if arg is not None:
+        device = torch.device(arg)
+    elif quick or not torch.cuda.is_available():
         device = torch.device("cpu")
     else:
         device = torch.device("cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
-            f"--device must be an available device, got {args.device!r} but CUDA is not available."
+            f"--device must be an available device, got {arg!r} but CUDA is not available."
         )
+    return device
+
+
+def _config(args: argparse.Namespace) -> Config:
+    q = args.quick
+    device = resolve_device(args.device, q)
     seqlen = args.seqlen if args.seqlen is not None else (192 if q else 8192)
     heads = parse_heads(args.heads or ("2/2/16,2/1/16" if q else DEFAULT_HEADS))
     for name, val in (

@@ -62,6 +62,8 @@ from typing import Any
 
 import torch
 
+from hf_flexattn.bench import resolve_device
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -974,16 +976,7 @@ def _csv(arg: str, allowed: Sequence[str], flag: str) -> list[str]:
 def config_from_args(args: argparse.Namespace) -> E2EConfig:
     """Turn parsed arguments into an :class:`E2EConfig` (``ValueError`` on bad values)."""
     q = args.quick
-    if args.device is not None:
-        device = torch.device(args.device)
-    elif q or not torch.cuda.is_available():
-        device = torch.device("cpu")
-    else:
-        device = torch.device("cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"--device must be an available device, got {args.device!r} but CUDA is not available."
-        )
+    device = resolve_device(args.device, q)
     default_impls = "flex,flex_attention,sdpa" if device.type == "cuda" and not q else "flex,sdpa"
     spec = QUICK_MODEL if q else ModelSpec()
     if args.layers is not None or args.hidden is not None:

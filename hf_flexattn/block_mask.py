@@ -26,7 +26,6 @@ torch does: an edge tile cut by ``Q_LEN``/``KV_LEN`` counts its missing position
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -35,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask as _TorchBlockMask
 
-from ._mod_eval import check_mod_arity, eval_mask_mod, eval_score_mod
+from ._mod_eval import _num_positional, check_mod_arity, eval_mask_mod, eval_score_mod
 
 __all__ = [
     "BlockMask",
@@ -386,20 +385,6 @@ def or_masks(*mask_mods: Callable) -> Callable:
 # --------------------------------------------------------------------------------------------
 # dense mask and generic builder
 # --------------------------------------------------------------------------------------------
-def _num_required_positional(fn: Callable) -> int | None:
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return None
-    n = 0
-    for p in sig.parameters.values():
-        if p.kind == p.VAR_POSITIONAL:
-            return None
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty:
-            n += 1
-    return n
-
-
 def create_mask(
     mod_fn: Callable,
     B: int | None,
@@ -415,7 +400,7 @@ def create_mask(
     """
     if not callable(mod_fn):
         raise TypeError(f"mod_fn must be callable, got {type(mod_fn).__name__}.")
-    n = _num_required_positional(mod_fn)
+    n = _num_positional(mod_fn)
     if n not in (4, 5, None):
         raise TypeError(
             "mod_fn must be a mask_mod (b, h, q_idx, kv_idx) or a score_mod "

@@ -7,11 +7,12 @@ tokens). Here it is a ``score_mod`` reading those ``[B, S]`` positions.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from hf_flexattn.mods import alibi_slopes_bloom
 
 from . import (
     FamilyPatch,
@@ -22,24 +23,7 @@ from . import (
     wrap_attention_forward,
 )
 
-__all__ = ["Patch", "bloom_alibi_slopes"]
-
-
-def bloom_alibi_slopes(num_heads: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Bloom's ALiBi slopes ``[num_heads]`` (fp32), bit-identical to the model's."""
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}.")
-    p2 = 2 ** math.floor(math.log2(num_heads))
-    base = torch.full((), 2 ** (-(2 ** -(math.log2(p2) - 3))), device=device, dtype=torch.float32)
-    slopes = torch.pow(base, torch.arange(1, 1 + p2, device=device, dtype=torch.int32))
-    if p2 != num_heads:
-        extra_base = torch.full(
-            (), 2 ** (-(2 ** -(math.log2(2 * p2) - 3))), device=device, dtype=torch.float32
-        )
-        n_extra = min(p2, num_heads - p2)
-        odd = torch.arange(1, 1 + 2 * n_extra, 2, device=device, dtype=torch.int32)
-        slopes = torch.cat([slopes, torch.pow(extra_base, odd)])
-    return slopes
+__all__ = ["Patch"]
 
 
 def _flex_forward(
@@ -63,7 +47,7 @@ def _flex_forward(
     if cache is not None:
         k, v = cache.update(k, v, self.layer_idx)
     key_pos, kv_offset = mask_key_positions(attention_mask)
-    slopes = bloom_alibi_slopes(self.num_heads, q.device)
+    slopes = alibi_slopes_bloom(self.num_heads, device=q.device)
     mod = key_position_alibi(slopes, key_pos, kv_offset, out_dtype=q.dtype)
     out = run_flex(q, k, v, attention_mask, [mod], float(self.inv_norm_factor))
     context = out.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim)

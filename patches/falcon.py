@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from hf_flexattn.mods import alibi_slopes_falcon
+
 from . import (
     FamilyPatch,
     key_position_alibi,
@@ -27,14 +29,8 @@ from . import (
     refuse_dropout,
     wrap_attention_forward,
 )
-from .bloom import bloom_alibi_slopes
 
-__all__ = ["Patch", "falcon_alibi_slopes"]
-
-
-def falcon_alibi_slopes(num_heads: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Falcon's slopes: Bloom's formula rounded to bfloat16 (returned as fp32)."""
-    return bloom_alibi_slopes(num_heads, device).to(torch.bfloat16).to(torch.float32)
+__all__ = ["Patch"]
 
 
 def _flex_forward(
@@ -69,7 +65,7 @@ def _flex_forward(
     )
     if use_alibi:
         key_pos, kv_offset = mask_key_positions(attention_mask)
-        slopes = falcon_alibi_slopes(self.num_heads, q.device)
+        slopes = alibi_slopes_falcon(self.num_heads, device=q.device)
         mods = [
             key_position_alibi(
                 slopes,

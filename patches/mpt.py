@@ -8,29 +8,15 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 from typing import Any
 
 import torch
 
+from hf_flexattn.mods import alibi_slopes_mpt
+
 from . import FamilyPatch, pick_cache, refuse_dropout, wrap_attention_forward
 
-__all__ = ["Patch", "mpt_alibi_slopes"]
-
-
-def mpt_alibi_slopes(
-    num_heads: int, alibi_bias_max: float = 8, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """MPT's ALiBi slopes ``[num_heads]`` (fp32), bit-identical to the model's."""
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}.")
-    p2 = 2 ** math.ceil(math.log2(num_heads))
-    base = torch.arange(1, p2 + 1, dtype=torch.int64, device=device).float()
-    base = base * (alibi_bias_max / p2)
-    slopes = 1.0 / torch.pow(2, base)
-    if p2 != num_heads:
-        slopes = torch.cat([slopes[1::2], slopes[::2]])[:num_heads]
-    return slopes
+__all__ = ["Patch"]
 
 
 def _mpt_alibi(slopes: torch.Tensor, kv_length: int):
@@ -64,7 +50,7 @@ def _flex_forward(
         k, v = cache.update(k, v, self.layer_idx)
     mods = []
     if position_bias is not None:
-        mods.append(_mpt_alibi(mpt_alibi_slopes(self.n_heads, 8, q.device), k.shape[-2]))
+        mods.append(_mpt_alibi(alibi_slopes_mpt(self.n_heads, 8, device=q.device), k.shape[-2]))
     out = run_flex(q, k, v, attention_mask, mods, float(self.softmax_scale))
     context = out.transpose(1, 2).reshape(B, L, -1)
     return self.out_proj(context), None

@@ -9,9 +9,6 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hf_flexattn.patches.bloom import bloom_alibi_slopes  # noqa: E402
-from hf_flexattn.patches.falcon import falcon_alibi_slopes  # noqa: E402
-from hf_flexattn.patches.mpt import mpt_alibi_slopes  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 from transformers.models.bloom import modeling_bloom as mb  # noqa: E402
 from transformers.models.falcon import modeling_falcon as mf  # noqa: E402
@@ -19,6 +16,9 @@ from transformers.models.mpt import modeling_mpt as mm  # noqa: E402
 
 import hf_flexattn  # noqa: E402
 from hf_flexattn import patches  # noqa: E402
+from hf_flexattn.mods import alibi_slopes_bloom as bloom_alibi_slopes  # noqa: E402
+from hf_flexattn.mods import alibi_slopes_falcon as falcon_alibi_slopes  # noqa: E402
+from hf_flexattn.mods import alibi_slopes_mpt as mpt_alibi_slopes  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..block_mask import _transpose_ordered
 from ..kernels import flex_decode as _flex_decode
 
 __all__ = ["flex_attention_forward", "prepare", "Prepared", "DECODE_MIN_S"]
@@ -138,19 +139,6 @@ def _q_side(block_mask: Any, need: bool) -> tuple[Tensor | None, ...]:
 
     bm = ensure_q_indices(block_mask)
     return bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices
-
-
-def _transpose_indices(num: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-    """kv-side (per q-block) lists -> q-side (per kv-block) lists; ordering as the builders."""
-    *batch, rows, k = idx.shape
-    dense = torch.zeros(*batch, rows, k + 1, dtype=torch.int32, device=idx.device)
-    keep = torch.arange(k, device=idx.device) < num.unsqueeze(-1).to(torch.int64)
-    cols = torch.where(keep, idx.to(torch.int64), k)
-    dense.scatter_(-1, cols, 1)
-    dense = dense[..., :k].transpose(-2, -1)
-    counts = dense.sum(-1).to(torch.int32)
-    order = torch.argsort(dense, dim=-1, descending=True, stable=True).to(torch.int32)
-    return counts.contiguous(), order.contiguous()
 
 
 def _prep_input(t: Tensor) -> Tensor:
@@ -566,9 +554,9 @@ def flex_bwd_op(
 
     e = _ENTRIES[kernel_id]
     if q_num_blocks is None or q_indices is None:
-        q_num_blocks, q_indices = _transpose_indices(kv_num_blocks, kv_indices)
+        q_num_blocks, q_indices = _transpose_ordered(kv_num_blocks, kv_indices)
     if full_kv_num_blocks is not None and (full_q_num_blocks is None or full_q_indices is None):
-        full_q_num_blocks, full_q_indices = _transpose_indices(full_kv_num_blocks, full_kv_indices)
+        full_q_num_blocks, full_q_indices = _transpose_ordered(full_kv_num_blocks, full_kv_indices)
     bufs = [
         torch.zeros(score_captures[i].shape, dtype=torch.float32, device=q.device)
         for i in e.grad_slots
