@@ -122,7 +122,16 @@ class NoScoreMod:
         return []
 
     def fwd_body(
-        self, *, out: str, score: str | None, b: str, h: str, q: str, kv: str, indent: str
+        self,
+        *,
+        out: str,
+        score: str | None,
+        b: str,
+        h: str,
+        q: str,
+        kv: str,
+        indent: str,
+        transposed: bool = False,
     ) -> str:
         return f"{indent}{out} = {score}\n"
 
@@ -138,6 +147,7 @@ class NoScoreMod:
         kv: str,
         valid: str,
         indent: str,
+        transposed: bool = False,
     ) -> str:
         return f"{indent}{grad_score} = {grad_out}\n"
 
@@ -156,6 +166,15 @@ class NoMaskMod:
         return []
 
     def fwd_body(
-        self, *, out: str, score: str | None, b: str, h: str, q: str, kv: str, indent: str
+        self,
+        *,
+        out: str,
+        score: str | None,
+        b: str,
+        h: str,
+        q: str,
+        kv: str,
+        indent: str,
+        transposed: bool = False,
     ) -> str:
         return f"{indent}{out} = ({q} >= 0) & ({kv} >= 0)\n"

@@ -32,7 +32,6 @@ The two kernels have separate block configs (:class:`BwdConfig`): dK/dV wants a 
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from string import Template
@@ -392,18 +391,6 @@ $grad_body$where_gs$I        dq = tl.dot(gs.to(kT.dtype), tl.trans(kT), dq$prec)
 """
 
 
-def _accepts_transposed(code: Any) -> bool:
-    """Whether ``code.fwd_body``/``bwd_body`` take the ``transposed`` keyword (ModCode does;
-    hand-written stand-ins whose code only broadcasts need not)."""
-    try:
-        params = inspect.signature(code.fwd_body).parameters
-    except (TypeError, ValueError):  # pragma: no cover - builtins
-        return False
-    return "transposed" in params or any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
-    )
-
-
 def _strip_atomics(body: str) -> str:
     """Drop the capture-gradient atomics of a ``bwd_body`` (what feeds them is dead code)."""
     return "".join(
@@ -424,13 +411,11 @@ def _loop(
 ) -> str:
     """One walk over a block list (partial: mask_mod applied) with the mods' code inlined."""
     ind = body_indent + extra
-    kw: dict[str, Any] = {}
-    sc_kw = {"transposed": True} if transposed and _accepts_transposed(score_code) else kw
-    mk_kw = {"transposed": True} if transposed and _accepts_transposed(mask_code) else kw
+    orient = {"transposed": transposed}
     s_in = "sT" if transposed else "s"
     gout = "dsT" if transposed else "ds"
     score_body = score_code.fwd_body(
-        out="s2", score=s_in, b="b", h="h", q="q_idx", kv="kv_idx", indent=ind, **sc_kw
+        out="s2", score=s_in, b="b", h="h", q="q_idx", kv="kv_idx", indent=ind, **orient
     )
     bounds = "n_ok[:, None] & m_ok[None, :]" if transposed else "m_ok[:, None] & n_ok[None, :]"
     tile = "[BLOCK_N, BLOCK_M]" if transposed else "[BLOCK_M, BLOCK_N]"
@@ -438,7 +423,7 @@ def _loop(
     even = "EVEN_M and EVEN_N"
     if partial:
         valid = mask_code.fwd_body(
-            out="mk", score=None, b="b", h="h", q="q_idx", kv="kv_idx", indent=ind, **mk_kw
+            out="mk", score=None, b="b", h="h", q="q_idx", kv="kv_idx", indent=ind, **orient
         )
         valid += (
             f"{ind}if {even}:\n{ind}    valid = mk\n{ind}else:\n{ind}    valid = mk & ({bounds})\n"
@@ -463,7 +448,7 @@ def _loop(
         kv="kv_idx",
         valid="valid",
         indent=ind,
-        **sc_kw,
+        **orient,
     )
     if not transposed:  # captured-tensor gradients are accumulated by the dK/dV kernel only
         grad_body = _strip_atomics(grad_body)

@@ -59,11 +59,13 @@ def test_matches_torch_flex_attention_forward():
     bm_t = torch_fa.create_block_mask(causal, 2, 1, 130, 130, device="cpu", BLOCK_SIZE=32)
     ref = torch_fa.flex_attention(q, k, v, score_mod=bias, block_mask=bm_t, enable_gqa=True)
     # torch's own BlockMask is accepted, and so is ours
-    out_t = flex_attention(q, k, v, score_mod=bias, block_mask=bm_t, enable_gqa=True,
-                           kernel_options=OPTS)
+    out_t = flex_attention(
+        q, k, v, score_mod=bias, block_mask=bm_t, enable_gqa=True, kernel_options=OPTS
+    )
     bm = create_block_mask(causal, 2, 1, 130, 130, device="cpu", BLOCK_SIZE=32)
-    out = flex_attention(q, k, v, score_mod=bias, block_mask=bm, enable_gqa=True,
-                         kernel_options=OPTS)
+    out = flex_attention(
+        q, k, v, score_mod=bias, block_mask=bm, enable_gqa=True, kernel_options=OPTS
+    )
     torch.testing.assert_close(out_t, ref, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
 
@@ -94,14 +96,13 @@ def test_cpu_training_gradients():
         (dict(value=torch.randn(1, 2, 21, 16)), ValueError, "key has sequence length 20"),
         (dict(key=torch.randn(1, 2, 20, 8)), ValueError, "query head dim 16"),
         (dict(value=torch.randn(1, 1, 20, 16)), ValueError, "key has 2 heads but value has 1"),
-        (dict(value=torch.randn(1, 2, 20, 16, dtype=torch.float64)), TypeError,
-         "share one dtype"),
+        (dict(value=torch.randn(1, 2, 20, 16, dtype=torch.float64)), TypeError, "share one dtype"),
         (dict(query=torch.randn(1, 2, 20, 16).int()), TypeError, "query must be float16"),
         (dict(scale="x"), TypeError, "scale must be a float"),
         (dict(scale=float("nan")), ValueError, "scale must be finite"),
         (dict(kernel_options=[1]), TypeError, "kernel_options must be a dict"),
         (dict(kernel_options={"BLOCKM": 64}), ValueError, "unknown kernel_options"),
-        (dict(kernel_options={"backend": "cuda"}), ValueError, "kernel_options[\"backend\"]"),
+        (dict(kernel_options={"backend": "cuda"}), ValueError, 'kernel_options["backend"]'),
         (dict(score_mod=lambda s, b, h: s), TypeError, "score_mod must take 5"),
         (dict(score_mod=3), TypeError, "score_mod must be callable"),
         (dict(block_mask="causal"), TypeError, "block_mask must be a BlockMask"),
@@ -169,11 +170,19 @@ def test_backend_selection(monkeypatch):
 
 
 def test_cli_version_and_info():
-    out = subprocess.run([sys.executable, "-m", "hf_flexattn", "--version"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "hf_flexattn", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out.strip() == f"hf-flexattn {hf_flexattn.__version__}"
-    out = subprocess.run([sys.executable, "-m", "hf_flexattn", "info", "--json"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "hf_flexattn", "info", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     import json
 
     info = json.loads(out)
@@ -183,8 +192,7 @@ def test_cli_version_and_info():
 def test_public_names_match_torch():
     import inspect
 
-    for name in ("flex_attention", "create_block_mask", "create_mask", "and_masks",
-                 "or_masks"):
+    for name in ("flex_attention", "create_block_mask", "create_mask", "and_masks", "or_masks"):
         ours = inspect.signature(getattr(hf_flexattn, name))
         theirs = inspect.signature(getattr(torch_fa, name))
         common = [p for p in theirs.parameters if not p.startswith("_")]

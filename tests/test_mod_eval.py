@@ -81,8 +81,9 @@ def test_wrong_return_types():
     with pytest.raises(TypeError, match="mask_mod must return a bool"):
         eval_mask_mod(lambda b, h, q, kv: q - kv, ar(1), ar(1), ar(4), ar(4))
     with pytest.raises(TypeError, match="score_mod must return a floating-point"):
-        eval_score_mod(lambda s, b, h, q, kv: q, torch.zeros(1, 1, 4, 4),
-                       ar(1), ar(1), ar(4), ar(4))
+        eval_score_mod(
+            lambda s, b, h, q, kv: q, torch.zeros(1, 1, 4, 4), ar(1), ar(1), ar(4), ar(4)
+        )
     vec = torch.arange(5)
 
     def not_scalar(b, h, q, kv):  # returns a vector per element
@@ -109,5 +110,7 @@ def test_find_captured_tensors():
 
     found = find_captured_tensors(mod, score=True)
     assert {id(t) for t in found} == {id(w), id(doc)}
-    assert find_captured_tensors(interval_mask, score=False)[0] is image_id or len(
-        find_captured_tensors(interval_mask, score=False)) == 2
+    assert (
+        find_captured_tensors(interval_mask, score=False)[0] is image_id
+        or len(find_captured_tensors(interval_mask, score=False)) == 2
+    )

@@ -57,10 +57,12 @@ class _Code(_render.NoScoreMod):
     def runtime_args(self):
         return [x for t in self.captured for x in (t, t.stride(0), t.shape[0])]
 
-    def fwd_body(self, *, out, score, b, h, q, kv, indent):
+    def fwd_body(self, *, out, score, b, h, q, kv, indent, transposed=False):
         return "".join(f"{indent}{line}\n" for line in self._fwd(out, score, b, h, q, kv))
 
-    def bwd_body(self, *, grad_score, grad_out, score, b, h, q, kv, valid, indent):
+    def bwd_body(
+        self, *, grad_score, grad_out, score, b, h, q, kv, valid, indent, transposed=False
+    ):
         lines = self._bwd(grad_score, grad_out, score, b, h, q, kv, valid)
         return "".join(f"{indent}{line}\n" for line in lines)
 
