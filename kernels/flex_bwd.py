@@ -168,7 +168,7 @@ def choose_bwd_config(
         opts = dict(options)
         for fld in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"):
             opts.setdefault(prefix + fld, getattr(dflt, fld))
-        if options.get(prefix + "BLOCK_M") is None:  # short queries: small q tiles
+        if options.get(prefix + "BLOCK_M") is None and q_len > 0:  # short queries: small tiles
             opts[prefix + "BLOCK_M"] = min(opts[prefix + "BLOCK_M"], max(16, next_pow2(q_len)))
         cfgs.append(
             choose_config(capability, dtype, head_dim, q_len, q_block, kv_block, opts, prefix)

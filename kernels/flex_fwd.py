@@ -126,7 +126,7 @@ def choose_config(
                 f'kernel_options["{prefix}{field}"] must be a power of two >= 16, got {v}.'
             )
     bm = vals["BLOCK_M"]
-    if options.get(prefix + "BLOCK_M") is None:  # short queries (decode): small tiles
+    if options.get(prefix + "BLOCK_M") is None and q_len > 0:  # short queries: small tiles
         bm = min(bm, max(16, next_pow2(q_len)))
     bm = fit_block(prefix + "BLOCK_M", bm, q_block, "Q")
     bn = fit_block(prefix + "BLOCK_N", vals["BLOCK_N"], kv_block, "KV")

@@ -427,3 +427,23 @@ def test_zoo_decode_rows(calls, case):
     assert calls["decode"] == n + 1
     assert_close_by_ratio(out, r_out, b_out, "out")
     assert_close_by_ratio(lse, r_lse, b_lse, "lse")
+
+
+def test_torch_compile_decode_dynamic_shapes(calls):
+    # dynamic=True (what dynamo switches to after a recompile): symbolic B, S must not reach
+    # the constant-folded preparation; the op picks its splits from the real shapes
+    torch._dynamo.reset()
+
+    def f(q, k, v, bm):
+        return flex_attention(
+            q, k, v, None, bm, enable_gqa=True, kernel_options={"backend": "triton"}
+        )
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=True)
+    for B, S in ((1, 300), (2, 333), (1, 420)):
+        q, k, v = _inputs(B, 4, 2, 1, S, 16, 16, torch.float32)
+        bm = create_block_mask(M.causal(S - 1), None, None, 1, S, device=DEV, BLOCK_SIZE=(16, 64))
+        n = calls["decode"]
+        got = compiled(q, k, v, bm)
+        assert calls["decode"] > n
+        torch.testing.assert_close(got, f(q, k, v, bm))

@@ -545,3 +545,46 @@ def test_cuda_decode_and_head_dims(dtype):
 @pytest.mark.cuda
 def test_cuda_fp32_exact_products():
     _run_case(1, 4, 4, 300, 300, 64, 64, dtype=torch.float32, mask_mod=causal(), block=(128, 128))
+
+
+def test_torch_compile_dynamic_shapes_matches_eager():
+    # symbolic sizes (dynamic=True, or dynamo's automatic dynamic after a recompile) must not
+    # reach the constant-folded preparation
+    torch._dynamo.reset()
+    slope = torch.tensor([0.05, -0.02], device=DEV, requires_grad=True)
+    sm = head_slope(slope)
+
+    def f(q, k, v, bm):
+        return flex_attention(q, k, v, sm, bm, kernel_options=TRITON)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=True)
+    for B, L in ((1, 24), (2, 40)):
+        bm = create_block_mask(causal(), None, None, L, L, device=DEV, BLOCK_SIZE=(16, 16))
+        g = torch.Generator().manual_seed(L)
+        q, k, v = (torch.randn(B, 2, L, 16, generator=g).to(DEV).requires_grad_() for _ in "qkv")
+        eager = f(q, k, v, bm)
+        ge = torch.autograd.grad(eager.sum(), [q, k, v, slope])
+        got = compiled(q, k, v, bm)
+        gc = torch.autograd.grad(got.sum(), [q, k, v, slope])
+        torch.testing.assert_close(got, eager)
+        for a, b in zip(gc, ge):
+            torch.testing.assert_close(a, b)
+
+
+def test_torch_compile_recompiles_when_a_mod_constant_changes():
+    # the kernel bakes Python numbers in; under torch.compile they must be guarded, or a mask
+    # with another offset (same shapes) would silently reuse the first kernel
+    torch._dynamo.reset()
+
+    def f(q, k, v, bm):
+        return flex_attention(q, k, v, None, bm, kernel_options=TRITON)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 32, 16, generator=g).to(DEV) for _ in "qkv")
+    outs = []
+    for off in (0, 9):
+        bm = create_block_mask(causal(off), None, None, 32, 32, device=DEV, BLOCK_SIZE=(16, 16))
+        outs.append(compiled(q, k, v, bm))
+        torch.testing.assert_close(outs[-1], f(q, k, v, bm))
+    assert not torch.allclose(outs[0], outs[1])

@@ -2,11 +2,12 @@
 
 ``flex_attention_forward`` compiles ``score_mod`` and the BlockMask's ``mask_mod`` into
 :class:`~hf_flexattn.compiler.ModCode` objects (cached on structure), picks block sizes,
-registers the static part (mods' code, configs) under an integer ``kernel_id`` and calls
+registers the static part (mods' code, dtype, kernel_options) under an integer ``kernel_id``
+and calls
 
 * ``hf_flexattn::flex_fwd(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks?,
   full_kv_indices?, q_num_blocks?, q_indices?, full_q_num_blocks?, full_q_indices?,
-  score_captures[], mask_captures[], kernel_id, scale) -> (out, lse)``
+  score_captures[], mask_captures[], kernel_id, scale, q_block, kv_block) -> (out, lse)``
 * ``hf_flexattn::flex_bwd(...) -> [dq, dk, dv, *grads of score captures that need grad]``
 
 Custom ops cannot take callables, hence the ``kernel_id`` registry; the captured tensors
@@ -19,7 +20,8 @@ Under ``torch.compile`` the preparation (tracing the mods, rendering kernels) ru
 ``_static_prepare``, which dynamo evaluates as a constant at trace time; captured tensors are
 then fetched by paths dynamo can trace (see the comment there). This needs the mods to be
 created outside the compiled region (closures made inside it cannot be passed to a constant
-function) and static shapes.
+function). Sizes and BlockMask block sizes may be symbolic (dynamic shapes): the ops read them
+and pick launch configs at run time.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from torch import Tensor
 
 from ..block_mask import _transpose_ordered
 from ..kernels import flex_decode as _flex_decode
+from ..kernels.flex_fwd import next_pow2
 
 __all__ = ["flex_attention_forward", "prepare", "Prepared", "DECODE_MIN_S"]
 
@@ -51,15 +54,44 @@ def _warn_once(key: str, msg: str) -> None:
 # ------------------------------------------------------------------------------ registry
 @dataclass
 class _Entry:
+    """Compiled mods plus what picks the launch configs. Configs depend on head dim and
+    query length, which are read at launch time (so symbolic sizes under torch.compile
+    never have to be constants)."""
+
     score_code: Any
     mask_code: Any
-    fwd_cfg: Any
-    bwd_cfg: Any
-    q_block: int
-    kv_block: int
+    capability: tuple[int, int] | None
+    dtype: torch.dtype
+    options: dict[str, Any]
     n_score: int
     n_mask: int
     grad_slots: list[int] = field(default_factory=list)  # score captures needing grad
+    _cfgs: dict[tuple, Any] = field(default_factory=dict)
+
+    def config(self, kind: str, head_dim: int, q_len: int, q_block: int, kv_block: int) -> Any:
+        """The fwd (``kind="fwd"``) or bwd config for these sizes (cached)."""
+        key = (kind, head_dim, min(next_pow2(q_len), 256), q_block, kv_block)
+        cfg = self._cfgs.get(key)
+        if cfg is None:
+            from ..kernels import flex_bwd, flex_fwd
+
+            choose = flex_fwd.choose_config if kind == "fwd" else flex_bwd.choose_bwd_config
+            cfg = choose(
+                self.capability, self.dtype, head_dim, q_len, q_block, kv_block, self.options
+            )
+            self._cfgs[key] = cfg
+        return cfg
+
+
+def _options_key(options: dict[str, Any]) -> tuple:
+    items = []
+    for k, v in sorted(options.items()):
+        try:
+            hash(v)
+        except TypeError:
+            v = repr(v)
+        items.append((k, v))
+    return tuple(items)
 
 
 _ENTRIES: list[_Entry] = []
@@ -173,6 +205,8 @@ def prepare(
     a fast path: one structural walk per mod, then the captured tensors are looked up again
     in THIS call's mods (never reused from an earlier closure)."""
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     ckey = _fast_key(
         q_shape, v_shape, dtype, device, score_mod, mask_mod, q_block, kv_block, kernel_options
     )
@@ -241,8 +275,8 @@ def _fast_key(q_shape, v_shape, dtype, device, score_mod, mask_mod, q_block, kv_
         key = (
             s[0],
             m[0],
-            tuple(q_shape),
-            tuple(v_shape),
+            q_shape[-1],  # head dims only: configs for the other sizes are picked at launch
+            v_shape[-1],
             dtype,
             device,
             q_block,
@@ -291,24 +325,24 @@ def _prepare_slow(
     else:
         mask_code = compile_mod_hook(mask_mod, "mask", "mm_")
     _check_devices(score_code, score_code.captured, mask_code, mask_code.captured, device)
-    L, E = q_shape[2], q_shape[3]
-    Ev = v_shape[-1]
+    # sizes may be -1 (symbolic under torch.compile): configs are picked at launch; this
+    # only validates kernel_options against the block sizes, before anything launches
+    L, hd = q_shape[2], max(q_shape[3], v_shape[-1], 16)
     cap = _capability(device)
-    fwd_cfg = flex_fwd.choose_config(cap, dtype, max(E, Ev), L, q_block, kv_block, kernel_options)
-    bwd_cfg = flex_bwd.choose_bwd_config(
-        cap, dtype, max(E, Ev), L, q_block, kv_block, kernel_options
-    )
+    if q_block > 0 and kv_block > 0:
+        flex_fwd.choose_config(cap, dtype, hd, L, q_block, kv_block, kernel_options)
+        flex_bwd.choose_bwd_config(cap, dtype, hd, L, q_block, kv_block, kernel_options)
     grad_slots = [i for i, s in enumerate(getattr(score_code, "specs", [])) if s.needs_grad]
-    key = (score_code.key, mask_code.key, fwd_cfg, bwd_cfg, q_block, kv_block)
+    opts = dict(kernel_options or {})
+    key = (score_code.key, mask_code.key, cap, dtype, _options_key(opts))
     kid = _register(
         key,
         lambda: _Entry(
             score_code,
             mask_code,
-            fwd_cfg,
-            bwd_cfg,
-            q_block,
-            kv_block,
+            cap,
+            dtype,
+            opts,
             len(score_code.captured),
             len(mask_code.captured),
             grad_slots,
@@ -321,124 +355,64 @@ def _prepare_slow(
 # --- torch.compile support -----------------------------------------------------------------
 # Dynamo cannot trace the preparation (mod tracing under TorchFunctionModes, file rendering).
 # Under torch.compile it runs in `_static_prepare`, which dynamo evaluates once at trace time
-# as a constant (`assume_constant_result`); it returns the kernel id and, for each captured
-# tensor, a *path* from the mod object to it (closure cells, globals, items, attributes).
-# The compiled code then walks those paths with plain attribute/item access, which dynamo
-# traces, so captured tensors become graph inputs and receive gradients.
-_MAX_DEPTH = 6
+# as a constant (`assume_constant_result`); it returns the kernel id and *paths* from each mod
+# object (closure cells, globals, defaults, items, attributes) to
+# * each captured tensor: the compiled code fetches them with plain attribute/item access,
+#   which dynamo traces, so they become graph inputs and receive gradients;
+# * each Python constant the kernel was specialised on: the compiled code compares it with
+#   the value the kernel baked in, which makes dynamo guard on it, so a mod with another
+#   constant (a different window, say) recompiles instead of reusing a stale kernel.
+def _mod_paths(fn: Any, captured: list[Tensor], name: str) -> tuple[tuple, tuple]:
+    if fn is None or not captured and _is_noop_mask(fn):
+        return (), ()
+    from ..compiler import trace
 
-
-def _children(obj: Any) -> list[tuple[tuple, Any]]:
-    out: list[tuple[tuple, Any]] = []
-    if isinstance(obj, (tuple, list)):
-        out += [(("item", i), x) for i, x in enumerate(obj)]
-    elif isinstance(obj, dict):
-        out += [(("item", k), x) for k, x in obj.items() if isinstance(k, (str, int))]
-    elif callable(obj):
-        import functools
-
-        if isinstance(obj, functools.partial):
-            out += [
-                (("attr", "args"), obj.args),
-                (("attr", "keywords"), obj.keywords),
-                (("attr", "func"), obj.func),
-            ]
-        code = getattr(obj, "__code__", None)
-        cells = getattr(obj, "__closure__", None) or ()
-        for i, c in enumerate(cells):
-            try:
-                out.append((("cell", i), c.cell_contents))
-            except ValueError:
-                pass
-        glb = getattr(obj, "__globals__", None)
-        if code is not None and glb is not None:
-            out += [(("global", n), glb[n]) for n in code.co_names if n in glb]
-        if hasattr(obj, "__self__"):
-            out.append((("attr", "__self__"), obj.__self__))
-    if (
-        not isinstance(obj, (tuple, list, dict, type))
-        and hasattr(obj, "__dict__")
-        and not callable(obj)
-        and not isinstance(obj, (torch.Tensor, torch.nn.Module))
-    ):
-        out += [(("attr", k), x) for k, x in vars(obj).items()]
-    if isinstance(obj, torch.nn.Module):
-        out += [(("attr", k), x) for k, x in obj.named_parameters(recurse=False)]
-        out += [(("attr", k), x) for k, x in obj.named_buffers(recurse=False)]
-        out += [(("attr", k), x) for k, x in obj._modules.items()]
-    return out
-
-
-def _find_path(root: Any, target: Tensor) -> tuple | None:
-    seen: set[int] = set()
-    frontier: list[tuple[tuple, Any]] = [((), root)]
-    for _ in range(_MAX_DEPTH):
-        nxt = []
-        for path, obj in frontier:
-            for step, child in _children(obj):
-                if child is target:
-                    return path + (step,)
-                if id(child) in seen or isinstance(child, (torch.Tensor, str, int, float)):
-                    continue
-                seen.add(id(child))
-                nxt.append((path + (step,), child))
-        frontier = nxt
-    return None
-
-
-def _walk(obj: Any, path: tuple) -> Any:
-    for kind, key in path:
-        if kind == "cell":
-            obj = obj.__closure__[key].cell_contents
-        elif kind == "global":
-            obj = obj.__globals__[key]
-        elif kind == "item":
-            obj = obj[key]
-        else:
-            obj = getattr(obj, key)
-    return obj
+    st = trace.structure(fn)
+    consts = trace.constants(fn)
+    if st is None or consts is None:
+        raise TypeError(
+            f"{name} refers to too many objects to be guarded under torch.compile; "
+            "keep its closure small (tensors and numbers)."
+        )
+    paths = []
+    for t in captured:
+        p = st[1].get(id(t))
+        if p is None:
+            raise TypeError(
+                f"{name} reads a tensor that cannot be reached from the mod object "
+                "(closure cells, globals, attributes), so torch.compile cannot pass it "
+                "to the kernel; capture it in the mod's closure."
+            )
+        paths.append(p)
+    return tuple(paths), tuple(consts)
 
 
 @torch._dynamo.assume_constant_result
 def _static_prepare(
-    q_shape: tuple,
-    v_shape: tuple,
     dtype: torch.dtype,
     device: str,
     score_mod: Any,
     mask_mod: Any,
-    q_block: int,
-    kv_block: int,
     options: tuple,
-) -> tuple[int, tuple, tuple]:
+) -> tuple[int, tuple, tuple, tuple, tuple]:
+    # sizes and block sizes (which dynamo may make symbolic) are read by the ops at launch
+    shape = (-1, -1, -1, -1)
     prep = prepare(
-        q_shape,
-        v_shape,
-        dtype,
-        torch.device(device),
-        score_mod,
-        mask_mod,
-        q_block,
-        kv_block,
-        dict(options),
+        shape, shape, dtype, torch.device(device), score_mod, mask_mod, -1, -1, dict(options)
     )
-    paths = []
-    for root, caps, name in (
-        (score_mod, prep.score_captures, "score_mod"),
-        (mask_mod, prep.mask_captures, "block_mask.mask_mod"),
-    ):
-        ps = []
-        for t in caps:
-            p = _find_path(root, t)
-            if p is None:
-                raise TypeError(
-                    f"{name} reads a tensor that cannot be reached from the mod object "
-                    "(closure cells, globals, attributes), so torch.compile cannot pass it "
-                    "to the kernel; capture it in the mod's closure."
-                )
-            ps.append(p)
-        paths.append(tuple(ps))
-    return prep.kernel_id, paths[0], paths[1]
+    s_paths, s_consts = _mod_paths(score_mod, prep.score_captures, "score_mod")
+    m_paths, m_consts = _mod_paths(mask_mod, prep.mask_captures, "block_mask.mask_mod")
+    return prep.kernel_id, s_paths, m_paths, s_consts, m_consts
+
+
+def _guard_constants(fn: Any, consts: tuple, name: str) -> None:
+    """Traced by dynamo: compares each baked-in constant, so that dynamo guards on it."""
+    from ..compiler.trace import resolve_path
+
+    for path, value in consts:
+        now = resolve_path(fn, path)
+        if now != value and not (now != now and value != value):  # NaN equals NaN here
+            raise RuntimeError(f"{name} changed while being compiled (at {path}).")
 
 
 # ------------------------------------------------------------------------------ custom ops
@@ -459,6 +433,8 @@ def flex_fwd_op(
     mask_captures: list[Tensor],
     kernel_id: int,
     scale: float,
+    q_block: int,
+    kv_block: int,
 ) -> tuple[Tensor, Tensor]:
     """Forward kernel: (out ``[B,Hq,L,Ev]`` in q's dtype, lse ``[B,Hq,L]`` fp32)."""
     return _fwd_impl(
@@ -477,11 +453,14 @@ def flex_fwd_op(
         mask_captures,
         kernel_id,
         scale,
+        q_block,
+        kv_block,
     )
 
 
 def _fwd_impl(
-    q, k, v, kvn, kvi, fkvn, fkvi, qn, qi, fqn, fqi, score_caps, mask_caps, kernel_id, scale
+    q, k, v, kvn, kvi, fkvn, fkvi, qn, qi, fqn, fqi, score_caps, mask_caps, kernel_id, scale,
+    q_block, kv_block,
 ) -> tuple[Tensor, Tensor]:
     from ..kernels import flex_fwd
 
@@ -497,9 +476,9 @@ def _fwd_impl(
         _with_captured(e.score_code, score_caps),
         _with_captured(e.mask_code, mask_caps),
         scale,
-        e.q_block,
-        e.kv_block,
-        e.fwd_cfg,
+        q_block,
+        kv_block,
+        e.config("fwd", max(q.shape[-1], v.shape[-1]), q.shape[2], q_block, kv_block),
     )
 
 
@@ -520,6 +499,8 @@ def _flex_fwd_fake(
     mask_captures,
     kernel_id,
     scale,
+    q_block,
+    kv_block,
 ):
     B, H, L, _ = q.shape
     out = q.new_empty((B, H, L, v.shape[-1]))
@@ -548,6 +529,8 @@ def flex_bwd_op(
     mask_captures: list[Tensor],
     kernel_id: int,
     scale: float,
+    q_block: int,
+    kv_block: int,
 ) -> list[Tensor]:
     """Backward kernels: ``[dq, dk, dv, *grads of the score captures that need grad]``."""
     from ..kernels import flex_bwd
@@ -580,9 +563,9 @@ def flex_bwd_op(
         _with_captured(e.score_code, score_captures),
         _with_captured(e.mask_code, mask_captures),
         scale,
-        e.q_block,
-        e.kv_block,
-        e.bwd_cfg,
+        q_block,
+        kv_block,
+        e.config("bwd", max(q.shape[-1], v.shape[-1]), q.shape[2], q_block, kv_block),
         bufs,
     )
     grads = [g.to(score_captures[i].dtype) for g, i in zip(bufs, e.grad_slots)]
@@ -610,6 +593,8 @@ def _flex_bwd_fake(
     mask_captures,
     kernel_id,
     scale,
+    q_block,
+    kv_block,
 ):
     e = _ENTRIES[kernel_id]
     grads = [torch.empty_like(score_captures[i]) for i in e.grad_slots]
@@ -617,7 +602,9 @@ def _flex_bwd_fake(
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, kvn, kvi, fkvn, fkvi, qn, qi, fqn, fqi, score_caps, mask_caps, kid, scale) = inputs
+    (q, k, v, kvn, kvi, fkvn, fkvi, qn, qi, fqn, fqi, score_caps, mask_caps, kid, scale) = inputs[
+        :15
+    ]
     out, lse = output
     ctx.save_for_backward(
         q, k, v, out, lse, kvn, kvi, fkvn, fkvi, qn, qi, fqn, fqi, *score_caps, *mask_caps
@@ -625,6 +612,7 @@ def _setup_context(ctx, inputs, output):
     ctx.n_score = len(score_caps)
     ctx.kernel_id = kid
     ctx.scale = scale
+    ctx.blocks = inputs[15:17]
 
 
 def _backward(ctx, dout, dlse):
@@ -654,6 +642,7 @@ def _backward(ctx, dout, dlse):
         mask_caps,
         ctx.kernel_id,
         ctx.scale,
+        *ctx.blocks,
     )
     dq, dk, dv = res[:3]
     e = _ENTRIES[ctx.kernel_id]
@@ -675,6 +664,8 @@ def _backward(ctx, dout, dlse):
         None,
         cap_grads,
         mask_grads,
+        None,
+        None,
         None,
         None,
     )
@@ -759,21 +750,6 @@ def _use_decode(
     return mode is True or S >= DECODE_MIN_S
 
 
-@torch._dynamo.assume_constant_result
-def _static_decode_splits(
-    device: str,
-    dtype: torch.dtype,
-    q_shape: tuple,
-    k_shape: tuple,
-    Ev: int,
-    kv_block: int,
-    splits: int | None,
-) -> int:
-    return _decode_config(
-        torch.device(device), dtype, q_shape, k_shape, Ev, kv_block, splits
-    ).num_splits
-
-
 @torch.library.custom_op("hf_flexattn::flex_decode", mutates_args=())
 def flex_decode_op(
     q: Tensor,
@@ -787,6 +763,7 @@ def flex_decode_op(
     mask_captures: list[Tensor],
     kernel_id: int,
     scale: float,
+    kv_block: int,
     num_splits: int,
 ) -> tuple[Tensor, Tensor]:
     """Split-KV forward for short queries (no autograd): (out ``[B,Hq,L,Ev]``, lse
@@ -803,18 +780,25 @@ def flex_decode_op(
         mask_captures,
         kernel_id,
         scale,
+        kv_block,
         num_splits,
     )
 
 
 def _decode_impl(
-    q, k, v, kvn, kvi, fkvn, fkvi, score_caps, mask_caps, kernel_id, scale, num_splits
+    q, k, v, kvn, kvi, fkvn, fkvi, score_caps, mask_caps, kernel_id, scale, kv_block, num_splits
 ) -> tuple[Tensor, Tensor]:
     from ..kernels import flex_decode
 
     e = _ENTRIES[kernel_id]
     cfg = _decode_config(
-        q.device, q.dtype, tuple(q.shape), tuple(k.shape), v.shape[-1], e.kv_block, num_splits
+        q.device,
+        q.dtype,
+        tuple(q.shape),
+        tuple(k.shape),
+        v.shape[-1],
+        kv_block,
+        num_splits if num_splits > 0 else None,
     )
     return flex_decode.launch_decode(
         q,
@@ -827,7 +811,7 @@ def _decode_impl(
         _with_captured(e.score_code, score_caps),
         _with_captured(e.mask_code, mask_caps),
         scale,
-        e.kv_block,
+        kv_block,
         cfg,
     )
 
@@ -845,6 +829,7 @@ def _flex_decode_fake(
     mask_captures,
     kernel_id,
     scale,
+    kv_block,
     num_splits,
 ):
     B, H, L, _ = q.shape
@@ -894,20 +879,16 @@ def flex_attention_forward(
     mode, splits = _decode_options(kernel_options)
     compiling = torch.compiler.is_compiling()
     if compiling:
+        from ..compiler.trace import resolve_path
+
         opts = tuple(sorted((k, v) for k, v in kernel_options.items() if k != "backend"))
-        kid, s_paths, m_paths = _static_prepare(
-            tuple(query.shape),
-            tuple(value.shape),
-            query.dtype,
-            str(query.device),
-            score_mod,
-            mask_mod,
-            q_block,
-            kv_block,
-            opts,
+        kid, s_paths, m_paths, s_consts, m_consts = _static_prepare(
+            query.dtype, str(query.device), score_mod, mask_mod, opts
         )
-        score_caps = [_walk(score_mod, p) for p in s_paths]
-        mask_caps = [_walk(mask_mod, p) for p in m_paths]
+        _guard_constants(score_mod, s_consts, "score_mod")
+        _guard_constants(mask_mod, m_consts, "block_mask.mask_mod")
+        score_caps = [resolve_path(score_mod, p) for p in s_paths]
+        mask_caps = [resolve_path(mask_mod, p) for p in m_paths]
     else:
         prep = prepare(
             tuple(query.shape),
@@ -929,11 +910,8 @@ def flex_attention_forward(
     )
     q_in, k_in, v_in = _prep_input(query), _prep_input(key), _prep_input(value)
     if _use_decode(query, key, block_mask, q_block, need_grad, mode):
-        cfg_args = (tuple(query.shape), tuple(key.shape), value.shape[-1], kv_block, splits)
-        if compiling:
-            n_splits = _static_decode_splits(str(query.device), query.dtype, *cfg_args)
-        else:
-            n_splits = _decode_config(query.device, query.dtype, *cfg_args).num_splits
+        # the op picks the number of splits from the real shapes (0: automatic)
+        n_splits = 0 if splits is None else int(splits)
         args = (
             q_in,
             k_in,
@@ -946,6 +924,7 @@ def flex_attention_forward(
             mask_caps,
             kid,
             float(scale),
+            kv_block,
             n_splits,
         )
         if not compiling and _direct_call_ok((q_in, k_in, v_in)):
@@ -972,6 +951,8 @@ def flex_attention_forward(
         mask_caps,
         kid,
         float(scale),
+        q_block,
+        kv_block,
     )
     if not compiling and not need_grad and _direct_call_ok((q_in, k_in, v_in)):
         return _fwd_impl(*args)

@@ -36,6 +36,7 @@ __all__ = [
     "TraceResult",
     "trace_mod",
     "structure",
+    "constants",
     "resolve_path",
     "mod_name",
 ]
@@ -769,6 +770,7 @@ class _Walk:
         self.paths: dict[int, tuple] = {}  # id(tensor) -> path
         self.seen: dict[int, tuple] = {}
         self.refs: list[Any] = []  # objects keyed by identity, kept alive
+        self.consts: list[tuple[tuple, Any]] = []  # (path, value) of Python constants
         self.count = 0
 
     def walk(self, obj: Any, path: tuple) -> Any:  # noqa: C901
@@ -776,6 +778,8 @@ class _Walk:
         if self.count > _MAX_NODES:
             raise _TooBig
         if isinstance(obj, _LEAF_TYPES):
+            if path:
+                self.consts.append((path, obj))
             if isinstance(obj, float):
                 return ("f", repr(obj))
             return (type(obj).__name__, obj)
@@ -906,6 +910,18 @@ def structure(fn: Any) -> tuple[Any, dict[int, tuple], list[Any]] | None:
     return key, w.paths, w.refs
 
 
+def constants(fn: Any) -> list[tuple[tuple, Any]] | None:
+    """``[(path, value)]`` of the Python constants that :func:`structure` keys ``fn`` on
+    (numbers, strings, None in closures, defaults, globals and attributes), or ``None`` if
+    ``fn`` is too large to walk. Under torch.compile these become guards."""
+    w = _Walk()
+    try:
+        w.walk(fn, ())
+    except (_TooBig, RecursionError):
+        return None
+    return w.consts
+
+
 def resolve_path(fn: Any, path: tuple) -> Any:
     """Follow a path recorded by :func:`structure` from ``fn``."""
     obj = fn
@@ -931,17 +947,8 @@ def resolve_path(fn: Any, path: tuple) -> Any:
             obj = obj.keywords[step[1]]
         elif kind in ("item", "key"):
             obj = obj[step[1]]
-        elif kind == "attr":
-            if isinstance(obj, torch.nn.Module):
-                name = step[1]
-                if name in obj._parameters:
-                    obj = obj._parameters[name]
-                elif name in obj._buffers:
-                    obj = obj._buffers[name]
-                else:
-                    obj = obj.__dict__[name]
-            else:
-                obj = obj.__dict__[step[1]]
+        elif kind == "attr":  # getattr (not __dict__) so that dynamo can trace it
+            obj = getattr(obj, step[1])
         else:  # pragma: no cover - paths are produced above
             raise KeyError(step)
     return obj
