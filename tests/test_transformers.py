@@ -363,6 +363,179 @@ def test_mask_is_cached_and_skips_tiles():
 
 
 # --------------------------------------------------------------------------------------------
+# decoding: the one q-tile fast path against the general block algebra
+# --------------------------------------------------------------------------------------------
+def _dense_tiles(bm, B: int, Lq: int, Lk: int) -> torch.Tensor:
+    """Bool ``[B, Lq, Lk]`` of a BlockMask: full tiles, and mask_mod on partial tiles (what
+    the kernels compute), vectorised. Also checks the index layout."""
+    from hf_flexattn._mod_eval import eval_mask_mod
+    from hf_flexattn.block_mask import _ordered_to_dense
+
+    bq, bk = bm.BLOCK_SIZE
+    nq, nk = -(-Lq // bq), -(-Lk // bk)
+    lists = [(bm.kv_num_blocks, bm.kv_indices)]
+    if bm.full_kv_num_blocks is not None:
+        lists.append((bm.full_kv_num_blocks, bm.full_kv_indices))
+    tables = []
+    for num, idx in lists:
+        assert num.dtype == idx.dtype == torch.int32
+        assert idx.shape[-2:] == (nq, nk) and num.shape[-1] == nq
+        # every index row is a permutation of the kv-blocks, listed ones first (torch's layout)
+        assert torch.equal(idx.sort(-1).values, torch.arange(nk, dtype=torch.int32).expand_as(idx))
+        assert bool(((num >= 0) & (num <= nk)).all())
+        tables.append(_ordered_to_dense(num, idx, nk).bool())
+    part = tables[0]
+    full = tables[1] if len(tables) > 1 else torch.zeros_like(part)
+    assert not bool((part & full).any()), "a tile is both partial and full"
+
+    def expand(t: torch.Tensor) -> torch.Tensor:
+        t = t.repeat_interleave(bq, -2).repeat_interleave(bk, -1)[..., :Lq, :Lk]
+        return t[:, 0].expand(B, Lq, Lk)
+
+    mm = eval_mask_mod(
+        bm.mask_mod, torch.arange(B), torch.arange(1), torch.arange(Lq), torch.arange(Lk)
+    )[:, 0].expand(B, Lq, Lk)
+    return expand(full) | (expand(part) & mm)
+
+
+def _decode_cases():
+    for q_length in (1, 2, 5, "block"):
+        for kv_length in (1, 7, 8, 9, 33, 64, 100):
+            for kv_offset in (0, 5):
+                for padded in (False, True):
+                    yield q_length, kv_length, kv_offset, padded
+
+
+@pytest.mark.parametrize("window", [None, 3, 20])
+@pytest.mark.parametrize("block", [8, 16])
+def test_one_q_tile_fast_path_equals_general_path(monkeypatch, block, window):
+    monkeypatch.setattr(integ, "BLOCK_SIZE", block)
+    calls = []
+    fast_builder = integ._build_one_q_tile
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return fast_builder(*args, **kwargs)
+
+    monkeypatch.setattr(integ, "_build_one_q_tile", counting)
+    fn = (
+        mu.causal_mask_function
+        if window is None
+        else mu.sliding_window_causal_mask_function(window)
+    )
+    B = 3
+    n_checked = 0
+    for q_length, kv_length, kv_offset, padded in _decode_cases():
+        q_length = block if q_length == "block" else q_length
+        end = kv_offset + kv_length  # absolute end of the cache
+        offsets = {end - q_length, end + 3, 0, kv_offset - 3}
+        pad = _padding(B, end, [0, min(3, end), min(11, end)]) if padded else None
+        for q_offset in sorted(offsets):
+            args = (B, q_length, kv_length, q_offset, kv_offset, fn)
+            with torch.no_grad():
+                integ.clear_cache()
+                monkeypatch.setattr(integ, "_ONE_Q_TILE_FAST_PATH", False)
+                general = integ.flex_mask(*args, attention_mask=pad, device="cpu")
+                integ.clear_cache()
+                monkeypatch.setattr(integ, "_ONE_Q_TILE_FAST_PATH", True)
+                before = len(calls)
+                fast = integ.flex_mask(*args, attention_mask=pad, device="cpu")
+            case = (q_length, kv_length, q_offset, kv_offset, window, padded)
+            assert len(calls) == before + 1, f"fast path not taken for {case}"
+            assert fast.kv_num_blocks.shape == (1, 1, 1) and fast.q_indices is None
+            assert general.kv_num_blocks.shape[1:] == (1, 1)
+            assert fast.mask_mod.__name__ == general.mask_mod.__name__
+            got = _dense_tiles(fast, B, q_length, kv_length)
+            expect = _dense_tiles(general, B, q_length, kv_length)
+            assert torch.equal(got, expect), case
+            # and both equal the mask written out from positions
+            q = torch.arange(q_length)[:, None] + q_offset
+            kv = torch.arange(kv_length)[None, :] + kv_offset
+            ref = kv <= q
+            if window is not None:
+                ref = ref & (kv > q - window)
+            ref = ref.expand(B, -1, -1)
+            if pad is not None:
+                ref = ref & pad[:, None, kv_offset:end]
+            assert torch.equal(got, ref), case
+            info = integ.get_mask_info(fast)
+            assert info.q_offset == q_offset and info.kv_length == kv_length
+            assert (info.padding is None) == (pad is None)
+            if pad is None:
+                # same visible tiles; the full ones kept unless partial tiles lie on both sides
+                from hf_flexattn.block_mask import _ordered_to_dense
+
+                def status(bm):
+                    nk = bm.kv_indices.shape[-1]
+                    p = _ordered_to_dense(bm.kv_num_blocks, bm.kv_indices, nk)[0, 0, 0].bool()
+                    f = _ordered_to_dense(bm.full_kv_num_blocks, bm.full_kv_indices, nk)
+                    return p, f[0, 0, 0].bool()
+
+                fp, ff = status(fast)
+                gp, gf = status(general)
+                assert torch.equal(fp | ff, gp | gf), case
+                split = gp.nonzero().flatten()
+                if len(split) == 0 or int(split[-1] - split[0]) + 1 == len(split):
+                    assert torch.equal(ff, gf), case
+            n_checked += 1
+    assert n_checked > 200
+
+
+def test_one_q_tile_fast_path_launches_almost_nothing():
+    """A decoding step's mask: at most the padding mask's bool conversion and pad, and the
+    offset scalar; no tile-map kernels (arange, compare, sum, sort, ...)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    views = {"alias", "as_strided", "view", "slice", "expand", "unsqueeze", "detach"}
+    fn = mu.causal_mask_function
+    with torch.no_grad():
+        n = 10 * integ.BLOCK_SIZE + 2
+        integ.flex_mask(4, 1, n, n - 1, 0, fn, attention_mask=torch.ones(4, n, dtype=torch.long))
+        integ.flex_mask(4, 1, n, n - 1, 0, fn)
+        for padded in (True, False):
+            n += 1  # next step: same number of kv-tiles, new length and offset
+            am = torch.ones(4, n, dtype=torch.long) if padded else None
+            with Record() as rec:
+                bm = integ.flex_mask(4, 1, n, n - 1, 0, fn, attention_mask=am)
+            ops = [op for op in rec.ops if op not in views]
+            allowed = ["_to_copy", "constant_pad_nd", "full"] if padded else ["full"]
+            assert sorted(ops) == sorted(allowed), rec.ops
+            assert bm.kv_num_blocks.shape == (1, 1, 1)
+    # training (autograd on) and static caches (tensor offsets) keep the general path
+    with torch.enable_grad():
+        bm = integ.flex_mask(2, 1, 30, 29, 0, fn)
+    assert bm.q_indices is not None
+    with torch.no_grad():
+        am = _padding(2, 30, [0, 4])
+        bm = integ.flex_mask(2, 1, 30, torch.tensor(29), 0, fn, attention_mask=am)
+    assert bm.kv_num_blocks.shape[0] == 2
+
+
+def test_mask_under_inference_mode():
+    """Inference tensors have no version counter: such masks are built, just not cached."""
+    fn = mu.causal_mask_function
+    with torch.no_grad():
+        expect = _dense_tiles(
+            integ.flex_mask(2, 1, 30, 29, 0, fn, attention_mask=_padding(2, 30, [0, 4])), 2, 1, 30
+        )
+    with torch.inference_mode():
+        am = _padding(2, 30, [0, 4])
+        a = integ.flex_mask(2, 1, 30, 29, 0, fn, attention_mask=am)
+        b = integ.flex_mask(2, 1, 30, 29, 0, fn, attention_mask=am)
+    assert a is not b
+    assert torch.equal(_dense_tiles(a, 2, 1, 30), expect)
+
+
+# --------------------------------------------------------------------------------------------
 # models: logits, gradients, generation
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("model_type", MODELS)

@@ -34,6 +34,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask as _TorchBlockMask
+
+from hf_flexattn._mod_eval import freeze
 
 __all__ = [
     "BLOCK_SIZE",
@@ -109,9 +112,7 @@ def _block_mask_cls() -> type:
 
 
 def _is_block_mask(x: Any) -> bool:
-    from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
-
-    return isinstance(x, TorchBlockMask)
+    return isinstance(x, _TorchBlockMask)
 
 
 @dataclass
@@ -164,6 +165,9 @@ def _attach(block_mask: Any, info: MaskInfo) -> Any:
 
 def _tensor_key(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
+        if x.is_inference():
+            # no version counter to notice in-place changes (torch.inference_mode): never hit
+            return ("t", id(x), object())
         return ("t", id(x), x._version, tuple(x.shape), str(x.device))
     return x
 
@@ -355,6 +359,145 @@ def _to_block_mask(
     )
 
 
+# --------------------------------------------------------------------------------------------
+# one q-tile fast path (decoding): tile ranges in Python integers, index tensors as views
+# --------------------------------------------------------------------------------------------
+#: Use :func:`_build_one_q_tile` where it applies (tests switch it off to compare).
+_ONE_Q_TILE_FAST_PATH = True
+
+_INDEX_BUFFERS: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+# (counts, indices, full counts, full indices) views per (device, n, ranges): consecutive
+# decoding steps mostly share them
+_INDEX_VIEWS: OrderedDict[tuple, tuple[torch.Tensor, ...]] = OrderedDict()
+
+
+def _index_buffer(n: int, device: torch.device) -> torch.Tensor:
+    """int32 ``[0, 1, ..., n-1, 0, 1, ..., n]`` (length ``2n + 1``), cached per device and n.
+
+    Every BlockMask tensor of :func:`_build_one_q_tile` is a view of it, so a decoding step
+    launches no kernel for them: ``buf[n + c]`` holds the count ``c`` (0..n), and
+    ``buf[s : s + n]`` is the index row ``s, ..., n-1, 0, ..., s-1`` -- a permutation of the n
+    kv-blocks with ``s, s+1, ...`` first, the layout of :func:`_dense_to_ordered` except for the
+    order of the unlisted tail, which nothing reads. A new buffer is needed only when the
+    number of kv-blocks changes (every ``block`` steps). The views are shared: never write
+    into BlockMask index tensors in place.
+    """
+    key = (device, n)
+    buf = _INDEX_BUFFERS.get(key)
+    if buf is None:
+        buf = torch.arange(2 * n + 1, dtype=torch.int32, device=device)
+        buf[n:] -= n
+        _INDEX_BUFFERS[key] = buf
+        while len(_INDEX_BUFFERS) > 64:
+            _INDEX_BUFFERS.popitem(last=False)
+    return buf
+
+
+def _one_q_tile_ranges(
+    q_length: int,
+    kv_length: int,
+    q_offset: int,
+    kv_offset: int,
+    window: int | None,
+    block: int,
+    padded: bool,
+) -> tuple[int, int, int, int]:
+    """``(partial_start, partial_count, full_start, full_count)`` of the kv-tiles of one causal
+    q-tile (``q_length <= block``), optionally windowed, in Python integers.
+
+    Query rows sit at ``q_offset .. q_offset + q_length - 1``, key column ``j`` at ``kv_offset +
+    j``; kv-tile ``j`` covers columns ``[j * block, min((j + 1) * block, kv_length))``. The tile
+    status is that of :func:`_build_structured`'s block algebra: visible where some pair is
+    allowed, full where every pair is and nothing is padded (``padded`` false). Partial tiles
+    are visible minus full; when that is not one range (a window whose two ends both cut
+    tiles), every visible tile is made partial, which only costs mask_mod evaluations.
+    """
+    n = -(-kv_length // block)
+    q0, q1 = q_offset, q_offset + q_length - 1
+    last_end = kv_offset + kv_length - 1  # last key's position (end of the ragged last tile)
+
+    def first_start_at_least(t: int) -> int:
+        # first tile j with kv_offset + j * block >= t (tile starts are uniform)
+        return min(max(-((kv_offset - t) // block), 0), n)
+
+    def first_end_at_least(t: int) -> int:
+        # first tile j with end_j >= t, end_j = kv_offset + min((j + 1) * block, kv_length) - 1;
+        # ends are uniform except the last tile's, which is cut at kv_length
+        j = min(max(-((kv_offset - 1 - t) // block) - 1, 0), n)
+        if j == n - 1 and last_end < t:
+            j = n
+        return j
+
+    hi = first_start_at_least(q1 + 1)  # visible: start <= q1
+    full_hi = first_end_at_least(q0 + 1)  # full (causal): end <= q0
+    if window is None:
+        lo = full_lo = 0
+    else:
+        lo = first_end_at_least(q0 - window + 1)  # visible (window): end > q0 - W
+        full_lo = first_start_at_least(q1 - window + 1)  # full (window): start > q1 - W
+    if lo >= hi:
+        return 0, 0, 0, 0
+    fa, fb = max(full_lo, lo), min(full_hi, hi)
+    if padded or fa >= fb:
+        return lo, hi - lo, 0, 0
+    if lo < fa and fb < hi:  # partial tiles on both sides of the full ones
+        return lo, hi - lo, 0, 0
+    if lo < fa:
+        return lo, fa - lo, fa, fb - fa
+    return fb, hi - fb, fa, fb - fa
+
+
+def _build_one_q_tile(
+    st: _Structure,
+    pad: torch.Tensor | None,
+    q_length: int,
+    kv_length: int,
+    q_offset: int,
+    kv_offset: int,
+    device: torch.device,
+    block: int,
+) -> Any:
+    """:func:`_build_structured` for one q-tile of a causal (windowed) mask without documents
+    and without autograd (decoding with a dynamic cache): the tile ranges come from Python
+    integer arithmetic and the index tensors are views of :func:`_index_buffer`, so the only
+    device work is padding ``pad`` to whole tiles. The BlockMask has batch 1 (padding is left
+    to the same mask_mod the general path attaches) and no q-side lists."""
+    from hf_flexattn.block_mask import BlockMask
+
+    n = -(-kv_length // block)
+    ps, pc, fs, fc = _one_q_tile_ranges(
+        q_length, kv_length, q_offset, kv_offset, st.window, block, pad is not None
+    )
+    key = (device, n, ps, pc, fs, fc)
+    views = _INDEX_VIEWS.get(key)
+    if views is None:
+        buf = _index_buffer(n, device)
+        views = (
+            buf.as_strided((1, 1, 1), (1, 1, 1), n + pc),
+            buf.as_strided((1, 1, 1, n), (n, n, n, 1), ps),
+            buf.as_strided((1, 1, 1), (1, 1, 1), n + fc),
+            buf.as_strided((1, 1, 1, n), (n, n, n, 1), fs),
+        )
+        _INDEX_VIEWS[key] = views
+        while len(_INDEX_VIEWS) > 256:
+            _INDEX_VIEWS.popitem(last=False)
+    pad_t = None if pad is None else torch.nn.functional.pad(pad, (0, n * block - kv_length))
+    mask_mod = _structured_mask_mod(st, q_offset, kv_offset, pad_t, device)
+    return BlockMask(
+        seq_lengths=(q_length, kv_length),
+        kv_num_blocks=views[0],
+        kv_indices=views[1],
+        full_kv_num_blocks=views[2],
+        full_kv_indices=views[3],
+        q_num_blocks=None,
+        q_indices=None,
+        full_q_num_blocks=None,
+        full_q_indices=None,
+        BLOCK_SIZE=(block, block),
+        mask_mod=mask_mod,
+    )
+
+
 _OFFSETS: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
 
@@ -403,7 +546,7 @@ def _structured_mask_mod(
             ok = ok & pad[b, kv_idx]
         return ok
 
-    return flex_structured_mask
+    return freeze(flex_structured_mask)  # built here, never rebound: keyed by identity
 
 
 def _build_structured(
@@ -417,7 +560,21 @@ def _build_structured(
     device: torch.device,
     block: int,
 ) -> Any:
-    """Tile map of ``structure & padding``; ``pad`` is ``[B, kv_length]`` bool (local keys)."""
+    """Tile map of ``structure & padding``; ``pad`` is ``[B, kv_length]`` bool (local keys).
+
+    Decoding steps (one q-tile, causal, no documents, int ``q_offset``, no autograd) take
+    :func:`_build_one_q_tile`, which launches no kernel for the tile map.
+    """
+    if (
+        _ONE_Q_TILE_FAST_PATH
+        and q_length <= block
+        and st.docs is None
+        and st.causal
+        and type(q_offset) is int
+        and type(kv_offset) is int
+        and not torch.is_grad_enabled()
+    ):
+        return _build_one_q_tile(st, pad, q_length, kv_length, q_offset, kv_offset, device, block)
     nq, nkv = -(-q_length // block), -(-kv_length // block)
     q0, q1 = _bounds(nq, block, q_length, q_offset, device)
     k0, k1 = _bounds(nkv, block, kv_length, kv_offset, device)
@@ -683,12 +840,27 @@ def _dense_mask_score_mod(mask: torch.Tensor) -> Callable:
             keep = mask[b, h if per_head else 0, q_idx, kv_idx]
             return torch.where(keep, score, -float("inf"))
 
-        return dense_bool_mask
+        return freeze(dense_bool_mask)
 
     def dense_additive_mask(score, b, h, q_idx, kv_idx):
         return score + mask[b, h if per_head else 0, q_idx, kv_idx]
 
-    return dense_additive_mask
+    return freeze(dense_additive_mask)
+
+
+_COMPOSED: OrderedDict[tuple, tuple[Callable, tuple]] = OrderedDict()
+_SOFTCAPS: dict[float, Callable] = {}
+
+
+def _softcap_mod(cap: float) -> Callable:
+    """``mods.softcap(cap)``, one object per value: the same mod object on every call lets
+    the Triton backend find its prepared kernel (and decode plan) by identity."""
+    fn = _SOFTCAPS.get(cap)
+    if fn is None:
+        from hf_flexattn import mods
+
+        fn = _SOFTCAPS[cap] = mods.softcap(cap)
+    return fn
 
 
 def _compose(mods_list: list[Callable]) -> Callable | None:
@@ -696,9 +868,17 @@ def _compose(mods_list: list[Callable]) -> Callable | None:
         return None
     if len(mods_list) == 1:
         return mods_list[0]
+    key = tuple(id(m) for m in mods_list)
+    hit = _COMPOSED.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[1], mods_list)):
+        return hit[0]
     from hf_flexattn import mods
 
-    return mods.compose_score_mods(*mods_list)
+    fn = mods.compose_score_mods(*mods_list)
+    _COMPOSED[key] = (fn, tuple(mods_list))  # keeps the parts alive: their ids stay theirs
+    while len(_COMPOSED) > 64:
+        _COMPOSED.popitem(last=False)
+    return fn
 
 
 def run_flex(
@@ -898,9 +1078,7 @@ def flex_attention_forward(
         attention_mask, B, Lq, Lk, device, sliding_window, causal, kwargs
     )
     if softcap is not None:
-        from hf_flexattn import mods
-
-        score_mods.insert(0, mods.softcap(float(softcap)))
+        score_mods.insert(0, _softcap_mod(float(softcap)))
     kernel_options = kwargs.get("kernel_options")
     if not isinstance(kernel_options, dict):
         kernel_options = None
