@@ -325,3 +325,20 @@ def find_captured_tensors(fn: Callable, score: bool, device: torch.device | str 
     except Exception:  # noqa: BLE001 - errors surface again at evaluation time
         pass
     return list(rec.captured.values())
+
+
+_FROZEN_ATTR = "_hf_flexattn_frozen"
+
+
+def freeze(fn: Callable) -> Callable:
+    """Mark ``fn`` as a mod whose closure never changes (no rebinding of captured names, no
+    swapped tensors; tensor *values* may change), so the Triton backend may key it by
+    identity and skip the structural walk on every call. The library's mod factories and the
+    Transformers integration mark theirs. Returns ``fn``."""
+    setattr(fn, _FROZEN_ATTR, True)
+    return fn
+
+
+def is_frozen(fn: Any) -> bool:
+    """Whether ``fn`` is ``None`` or was marked with :func:`freeze`."""
+    return fn is None or getattr(fn, _FROZEN_ATTR, False) is True

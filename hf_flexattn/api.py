@@ -215,6 +215,14 @@ def flex_attention(
     Returns:
         ``out [B, Hq, L, Ev]`` in the input dtype, or ``(out, lse)``.
     """
+    if getattr(block_mask, "_hf_flexattn_plans", None):
+        from .backends.triton_backend import run_plan
+
+        res = run_plan(
+            query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options, return_lse
+        )
+        if res is not None:  # a repeated decode call, validated when the plan was stored
+            return res if return_lse else res[0]
     _validate(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options)
     kernel_options = dict(kernel_options or {})
     backend = resolve_backend(query.device, kernel_options)

@@ -34,7 +34,14 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask as _TorchBlockMask
 
-from ._mod_eval import _num_positional, check_mod_arity, eval_mask_mod, eval_score_mod
+from ._mod_eval import (
+    _num_positional,
+    check_mod_arity,
+    eval_mask_mod,
+    eval_score_mod,
+    freeze,
+    is_frozen,
+)
 
 __all__ = [
     "BlockMask",
@@ -361,7 +368,7 @@ def and_masks(*mask_mods: Callable) -> Callable:
 
     name = "and(" + ",".join(_mod_name(m) for m in mask_mods) + ")"
     and_mask.__name__ = and_mask.__qualname__ = name
-    return and_mask
+    return freeze(and_mask) if all(is_frozen(m) for m in mask_mods) else and_mask
 
 
 def or_masks(*mask_mods: Callable) -> Callable:
@@ -379,7 +386,7 @@ def or_masks(*mask_mods: Callable) -> Callable:
 
     name = "or(" + ",".join(_mod_name(m) for m in mask_mods) + ")"
     or_mask.__name__ = or_mask.__qualname__ = name
-    return or_mask
+    return freeze(or_mask) if all(is_frozen(m) for m in mask_mods) else or_mask
 
 
 # --------------------------------------------------------------------------------------------

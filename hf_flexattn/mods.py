@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._mod_eval import freeze, is_frozen
+
 __all__ = [
     "alibi",
     "alibi_slopes_bloom",
@@ -102,10 +104,11 @@ def _tensor_arg(
     return t
 
 
-def _named(fn: Callable, name: str) -> Callable:
+def _named(fn: Callable, name: str, frozen: bool = True) -> Callable:
+    """Name ``fn``; ``frozen`` marks its closure as immutable (see ``_mod_eval.freeze``)."""
     fn.__name__ = name
     fn.__qualname__ = name
-    return fn
+    return freeze(fn) if frozen else fn
 
 
 def _offset_suffix(offset: int) -> str:
@@ -115,6 +118,7 @@ def _offset_suffix(offset: int) -> str:
 # --------------------------------------------------------------------------------------------
 # mask mods
 # --------------------------------------------------------------------------------------------
+@freeze
 def causal_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
     """Causal attention: query ``q_idx`` sees keys ``kv_idx <= q_idx``."""
     return q_idx >= kv_idx
@@ -429,7 +433,7 @@ def compose_score_mods(*mods: ScoreMod) -> ScoreMod:
         return score
 
     names = ",".join(getattr(m, "__name__", type(m).__name__) for m in chain)
-    return _named(compose, f"compose({names})")
+    return _named(compose, f"compose({names})", frozen=all(is_frozen(m) for m in chain))
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,9 +15,12 @@ keys. The regular forward kernel then has only ``B * Hq`` programs, each streami
   ``(num_splits, B * Hkv)``. Split ``s`` writes its normalised partial output and its
   log2-sum-exp to fp32 workspaces ``[B, Hq, L, num_splits, Ev]`` / ``[B, Hq, L, num_splits]``
   (``-inf`` and 0 for a split that saw nothing).
-* a reduce kernel (grid ``(B * Hq * L,)``) combines the splits:
-  ``lse = log(sum_s exp(lse_s))``, ``out = sum_s exp(lse_s - lse) * out_s``; rows that see
-  nothing give ``out = 0`` and ``lse = -inf``.
+* the last split of each ``(b, kv head)`` to finish (an arrival counter, atomically
+  incremented after a CTA barrier, acq_rel at GPU scope) combines the splits in the same
+  launch: ``lse = log(sum_s exp(lse_s))``, ``out = sum_s exp(lse_s - lse) * out_s``; rows
+  that see nothing give ``out = 0`` and ``lse = -inf``. One launch instead of two matters
+  because decoding is bound by launch overhead. With one split the program writes the
+  output directly.
 
 Requirements (checked by :func:`decode_supported`): one q-block row (``L <= Q_BLOCK``), and
 the BlockMask's head dim broadcast (``H == 1``) unless ``GROUP == 1`` (with per-head masks the
@@ -35,13 +38,14 @@ from typing import Any
 
 import torch
 
+from ._launch import launcher_for
 from ._render import NoScoreMod, interpreter_on, load_rendered
 
 __all__ = [
     "DecodeConfig",
     "choose_decode_config",
     "decode_supported",
-    "get_decode_kernels",
+    "get_decode_kernel",
     "launch_decode",
     "MAX_DECODE_ROWS",
 ]
@@ -153,7 +157,8 @@ LN2 = tl.constexpr($ln2)
 _SPLIT = """
 @triton.jit
 def flex_decode_split_kernel(
-    Q, K, V, OP, LP,
+    Q, K, V, OP, LP, O, LSE, CNT,
+    s_ob, s_oh, s_om, s_od,
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
@@ -165,7 +170,7 @@ $params
     E: tl.constexpr, EV: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
     HAS_FULL: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, ONE_SPLIT: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -217,48 +222,49 @@ $full_loop
     out = acc / l_safe[:, None]
     lse2 = tl.where(seen, m_i + tl.log2(l_safe), float("-inf"))
     h_row = h0 + rc // L
-    prow = ((b64 * Hq + h_row.to(tl.int64)) * L + l_row.to(tl.int64)) * NS + pid_s
-    op_ptrs = OP + prow[:, None] * EV + offs_dv[None, :]
+    row = (b64 * Hq + h_row.to(tl.int64)) * L + l_row.to(tl.int64)  # lse is [B, Hq, L]
+    o_ptrs = (O + b64 * s_ob + h_row[:, None].to(tl.int64) * s_oh
+              + l_row[:, None].to(tl.int64) * s_om + offs_dv[None, :] * s_od)
     if EVEN_D:
-        tl.store(op_ptrs, out, mask=r_ok[:, None])
+        o_mask = r_ok[:, None]
     else:
-        tl.store(op_ptrs, out, mask=r_ok[:, None] & dv_ok[None, :])
-    tl.store(LP + prow, lse2, mask=r_ok)
-
-
-@triton.jit
-def flex_decode_reduce_kernel(
-    OP, LP, O, LSE,
-    s_ob, s_oh, s_om, s_od,
-    Hq, L, NS,
-    EV: tl.constexpr, EV_PAD: tl.constexpr, NS_PAD: tl.constexpr, EVEN_D: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    offs_s = tl.arange(0, NS_PAD)
-    offs_dv = tl.arange(0, EV_PAD)
-    s_ok = offs_s < NS
-    dv_ok = offs_dv < EV
-    lse_s = tl.load(LP + row * NS + offs_s, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse_s, 0)
-    m_use = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse_s - m_use)
-    o_ptrs = OP + (row * NS + offs_s[:, None]) * EV + offs_dv[None, :]
-    o_s = tl.load(o_ptrs, mask=s_ok[:, None] & dv_ok[None, :], other=0.0)
-    tot = tl.sum(w, 0)
-    seen = tot > 0.0
-    tot_safe = tl.where(seen, tot, 1.0)
-    out = tl.sum(o_s * w[:, None], 0) / tot_safe
-    lse = tl.where(seen, (m_use + tl.log2(tot_safe)) * LN2, float("-inf"))
-    bh = row // L
-    lq = row % L
-    b = bh // Hq
-    hq = bh % Hq
-    o_ptrs = O + b * s_ob + hq * s_oh + lq * s_om + offs_dv * s_od
-    if EVEN_D:
-        tl.store(o_ptrs, out.to(O.dtype.element_ty))
+        o_mask = r_ok[:, None] & dv_ok[None, :]
+    if ONE_SPLIT:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=o_mask)
+        tl.store(LSE + row, lse2 * LN2, mask=r_ok)
     else:
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=dv_ok)
-    tl.store(LSE + row, lse)
+        op_ptrs = OP + (row * NS + pid_s)[:, None] * EV + offs_dv[None, :]
+        tl.store(op_ptrs, out, mask=o_mask)
+        tl.store(LP + row * NS + pid_s, lse2, mask=r_ok)
+        # the last split of this (b, kv head) to finish combines all of them: every thread's
+        # stores, a CTA barrier, then one acq_rel atomic at GPU scope publish them
+        tl.debug_barrier()
+        arrived = tl.atomic_add(CNT + pid_bh, 1, sem="acq_rel", scope="gpu")
+        if arrived == NS - 1:
+            tl.debug_barrier()
+            m_t = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            w_t = tl.zeros([BLOCK_M], dtype=tl.float32)
+            o_t = tl.zeros([BLOCK_M, EV_PAD], dtype=tl.float32)
+            for sp in range(0, NS):
+                # .cg: read through L2, never a stale L1 line of another SM's write
+                l_s = tl.load(LP + row * NS + sp, mask=r_ok, other=float("-inf"),
+                              cache_modifier=".cg")
+                o_s = tl.load(OP + (row * NS + sp)[:, None] * EV + offs_dv[None, :],
+                              mask=o_mask, other=0.0, cache_modifier=".cg")
+                m_new = tl.maximum(m_t, l_s)
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_t - m_use)
+                w_s = tl.exp2(l_s - m_use)
+                w_t = w_t * alpha + w_s
+                o_t = o_t * alpha[:, None] + o_s * w_s[:, None]
+                m_t = m_new
+            seen_t = w_t > 0.0
+            w_safe = tl.where(seen_t, w_t, 1.0)
+            m_fin = tl.where(m_t == float("-inf"), 0.0, m_t)
+            tl.store(o_ptrs, (o_t / w_safe[:, None]).to(O.dtype.element_ty), mask=o_mask)
+            tl.store(LSE + row, tl.where(seen_t, (m_fin + tl.log2(w_safe)) * LN2,
+                                         float("-inf")), mask=r_ok)
+            tl.atomic_xchg(CNT + pid_bh, 0)  # ready for the next launch on this stream
 """
 
 _LOOP = """
@@ -342,7 +348,7 @@ def _loop(score_code: Any, mask_code: Any, partial: bool, prec: str) -> str:
 
 
 def render_decode(score_code: Any, mask_code: Any, dtype: torch.dtype) -> str:
-    """Source of the split and reduce kernels for this pair of mods."""
+    """Source of the split-KV kernel for this pair of mods."""
     prec = _dot_precision(dtype)
     names = list(score_code.params) + list(mask_code.params)
     return Template(_HEADER).substitute(log2e=repr(LOG2E), ln2=repr(LN2)) + Template(
@@ -354,40 +360,46 @@ def render_decode(score_code: Any, mask_code: Any, dtype: torch.dtype) -> str:
     )
 
 
-def get_decode_kernels(score_code: Any, mask_code: Any, dtype: torch.dtype) -> tuple[Any, Any]:
-    """(split kernel, reduce kernel), rendered once per (mods' structure, dtype)."""
-    key = ("flex_decode", 1, score_code.key, mask_code.key, str(dtype), _dot_precision(dtype))
+def get_decode_kernel(score_code: Any, mask_code: Any, dtype: torch.dtype) -> Any:
+    """The split-KV kernel, rendered once per (mods' structure, dtype)."""
+    key = ("flex_decode", 2, score_code.key, mask_code.key, str(dtype), _dot_precision(dtype))
     mod = load_rendered("flex_decode", key, lambda: render_decode(score_code, mask_code, dtype))
-    return mod.flex_decode_split_kernel, mod.flex_decode_reduce_kernel
+    return mod.flex_decode_split_kernel
 
 
 # ------------------------------------------------------------------------------ workspace
-_WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_WORKSPACE: dict[tuple, tuple[torch.Tensor, ...]] = {}
 _MAX_WORKSPACES = 16
 
 
+def _new_workspace(device, B, Hq, Hkv, L, ns, Ev) -> tuple[torch.Tensor, ...]:
+    return (
+        torch.empty((B, Hq, L, ns, Ev), dtype=torch.float32, device=device),
+        torch.empty((B, Hq, L, ns), dtype=torch.float32, device=device),
+        torch.zeros((B * Hkv,), dtype=torch.int32, device=device),
+        torch.empty((B, Hq, L), dtype=torch.float32, device=device),
+    )
+
+
 def _workspace(
-    device: torch.device, B: int, Hq: int, L: int, ns: int, Ev: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 partial out ``[B, Hq, L, ns, Ev]`` and lse ``[B, Hq, L, ns]``, reused per shape
-    (and CUDA stream); fresh while a CUDA graph is being captured."""
+    device: torch.device, B: int, Hq: int, Hkv: int, L: int, ns: int, Ev: int
+) -> tuple[torch.Tensor, ...]:
+    """fp32 partial out ``[B, Hq, L, ns, Ev]`` and lse ``[B, Hq, L, ns]``, the int32
+    arrival counters ``[B * Hkv]`` (zero between launches: the last split resets its
+    counter) and a scratch lse ``[B, Hq, L]`` for callers that do not want it; reused per
+    shape and CUDA stream (launches on one stream never overlap); fresh while a CUDA graph
+    is being captured."""
     stream = None
     if device.type == "cuda":
-        if torch.cuda.is_current_stream_capturing():
-            return (
-                torch.empty((B, Hq, L, ns, Ev), dtype=torch.float32, device=device),
-                torch.empty((B, Hq, L, ns), dtype=torch.float32, device=device),
-            )
-        stream = torch.cuda.current_stream(device).cuda_stream
-    key = (device, stream, B, Hq, L, ns, Ev)
+        if torch._C._cuda_isCurrentStreamCapturing():
+            return _new_workspace(device, B, Hq, Hkv, L, ns, Ev)
+        stream = torch._C._cuda_getCurrentRawStream(device.index)
+    key = (device, stream, B, Hq, Hkv, L, ns, Ev)
     ws = _WORKSPACE.get(key)
     if ws is None:
         if len(_WORKSPACE) >= _MAX_WORKSPACES:
             _WORKSPACE.pop(next(iter(_WORKSPACE)))
-        ws = (
-            torch.empty((B, Hq, L, ns, Ev), dtype=torch.float32, device=device),
-            torch.empty((B, Hq, L, ns), dtype=torch.float32, device=device),
-        )
+        ws = _new_workspace(device, B, Hq, Hkv, L, ns, Ev)
         _WORKSPACE[key] = ws
     return ws
 
@@ -398,6 +410,107 @@ def _index_args(num: torch.Tensor, idx: torch.Tensor, B: int, H: int) -> list:
     i = idx.expand(B, H, idx.shape[-2], idx.shape[-1])
     ns, isd = n.stride(), i.stride()
     return [num, idx, ns[0], ns[1], isd[0], isd[1], isd[3]]
+
+
+class DecodePlan:
+    """A decode launch with everything but q, k, v fixed (built by :func:`plan_decode`).
+
+    ``plan(q, k, v) -> (out, lse)`` for tensors with the shapes and strides the plan was
+    built from; only their pointers are inspected (the kernel is specialised on alignment),
+    so a call costs the output allocations and one launch."""
+
+    def __init__(self, split: Any, out_shape: tuple, dtype: torch.dtype,
+                 device: torch.device, ws: tuple) -> None:
+        self.split = split
+        self.out_shape, self.lse_shape = out_shape, out_shape[:3]
+        self.dtype, self.device, self.ws = dtype, device, ws
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 need_lse: bool = True) -> tuple:
+        return self.run(q, k, v, need_lse)
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            need_lse: bool = True) -> tuple:
+        """``(out [B, Hq, L, Ev], lse [B, Hq, L])``; ``plan(q, k, v)`` calls this. Without
+        ``need_lse`` the lse is ``None`` (written to a scratch buffer)."""
+        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+        op, lp, cnt, scratch = _workspace(self.device, *self.ws)
+        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device) if (
+            need_lse
+        ) else scratch
+        self.split(q, k, v, op, lp, out, lse, cnt)
+        return out, (lse if need_lse else None)
+
+
+def plan_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_num: torch.Tensor,
+    kv_idx: torch.Tensor,
+    full_num: torch.Tensor | None,
+    full_idx: torch.Tensor | None,
+    score_code: Any,
+    mask_code: Any,
+    scale: float,
+    kv_block: int,
+    cfg: DecodeConfig,
+    kernel: Any = None,
+) -> DecodePlan:
+    """The :class:`DecodePlan` of :func:`launch_decode` for these arguments (``B * Hq * L``
+    must be positive)."""
+    B, Hq, L, E = q.shape
+    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    ns = cfg.num_splits
+    split = kernel or get_decode_kernel(score_code, mask_code, q.dtype)
+    has_full = full_num is not None and full_idx is not None
+    e_pad, ev_pad = max(16, _next_pow2(E)), max(16, _next_pow2(Ev))
+    even_d = E == e_pad and Ev == ev_pad
+    big = S * max(abs(k.stride(2)), abs(v.stride(2))) >= 2**31 - 1
+    kvi = _index_args(kv_num, kv_idx, B, Hq)
+    fkvi = _index_args(full_num, full_idx, B, Hq) if has_full else kvi
+    split_launch = launcher_for(split).bind(
+        (ns, B * Hkv),
+        (
+            # out is allocated contiguous [B, Hq, L, Ev]
+            Hq * L * Ev,
+            L * Ev,
+            Ev,
+            1,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *kvi,
+            *fkvi,
+            Hq,
+            Hkv,
+            L,
+            S,
+            ns,
+            float(scale),
+            *score_code.runtime_args(),
+            *mask_code.runtime_args(),
+        ),
+        dict(
+            GROUP=Hq // Hkv,
+            E=E,
+            EV=Ev,
+            E_PAD=e_pad,
+            EV_PAD=ev_pad,
+            BLOCK_M=cfg.BLOCK_M,
+            BLOCK_N=cfg.BLOCK_N,
+            KV_BLOCK=kv_block,
+            HAS_FULL=has_full,
+            UPCAST=interpreter_on(),
+            BIG=big,
+            EVEN_N=S % kv_block == 0,
+            EVEN_D=even_d,
+            ONE_SPLIT=ns == 1,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        ),
+    )
+    return DecodePlan(split_launch, (B, Hq, L, Ev), q.dtype, q.device, (B, Hq, Hkv, L, ns, Ev))
 
 
 def launch_decode(
@@ -413,75 +526,20 @@ def launch_decode(
     scale: float,
     kv_block: int,
     cfg: DecodeConfig,
+    kernel: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the split-KV forward. q ``[B,Hq,L,E]``, k ``[B,Hkv,S,E]``, v ``[B,Hkv,S,Ev]``
+    """Run the split-KV forward (``kernel``: from :func:`get_decode_kernel`, if the caller
+    keeps it). q ``[B,Hq,L,E]``, k ``[B,Hkv,S,E]``, v ``[B,Hkv,S,Ev]``
     (last dims contiguous recommended), BlockMask index tensors ``[Bm, Hm, nQ(, k)]`` whose
     q-block 0 covers all ``L`` rows. Returns out ``[B,Hq,L,Ev]`` (q's dtype) and lse
     ``[B,Hq,L]`` fp32 natural log (``-inf`` where a row sees nothing)."""
-    B, Hq, L, E = q.shape
-    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
-    out = torch.empty((B, Hq, L, Ev), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
+    B, Hq, L, _ = q.shape
     if L == 0 or B * Hq == 0:
-        return out, lse
-    ns = cfg.num_splits
-    split, reduce = get_decode_kernels(score_code, mask_code, q.dtype)
-    op, lp = _workspace(q.device, B, Hq, L, ns, Ev)
-    has_full = full_num is not None and full_idx is not None
-    e_pad, ev_pad = max(16, _next_pow2(E)), max(16, _next_pow2(Ev))
-    even_d = E == e_pad and Ev == ev_pad
-    big = S * max(abs(k.stride(2)), abs(v.stride(2))) >= 2**31 - 1
-    upcast = interpreter_on()
-    kvi = _index_args(kv_num, kv_idx, B, Hq)
-    fkvi = _index_args(full_num, full_idx, B, Hq) if has_full else kvi
-    split[(ns, B * Hkv)](
-        q,
-        k,
-        v,
-        op,
-        lp,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *kvi,
-        *fkvi,
-        Hq,
-        Hkv,
-        L,
-        S,
-        ns,
-        float(scale),
-        *score_code.runtime_args(),
-        *mask_code.runtime_args(),
-        GROUP=Hq // Hkv,
-        E=E,
-        EV=Ev,
-        E_PAD=e_pad,
-        EV_PAD=ev_pad,
-        BLOCK_M=cfg.BLOCK_M,
-        BLOCK_N=cfg.BLOCK_N,
-        KV_BLOCK=kv_block,
-        HAS_FULL=has_full,
-        UPCAST=upcast,
-        BIG=big,
-        EVEN_N=S % kv_block == 0,
-        EVEN_D=even_d,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        Ev = v.shape[3]
+        out = torch.empty((B, Hq, L, Ev), dtype=q.dtype, device=q.device)
+        return out, torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
+    plan = plan_decode(
+        q, k, v, kv_num, kv_idx, full_num, full_idx, score_code, mask_code, scale, kv_block,
+        cfg, kernel,
     )
-    reduce[(B * Hq * L,)](
-        op,
-        lp,
-        out,
-        lse,
-        *out.stride(),
-        Hq,
-        L,
-        ns,
-        EV=Ev,
-        EV_PAD=ev_pad,
-        NS_PAD=max(2, _next_pow2(ns)),
-        EVEN_D=Ev == ev_pad,
-        num_warps=4 if ev_pad * ns >= 2048 else 2,
-    )
-    return out, lse
+    return plan.run(q, k, v)

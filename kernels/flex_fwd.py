@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ._launch import launcher_for
 from ._render import interpreter_on, load_rendered
 
 __all__ = ["FwdConfig", "choose_config", "get_kernel", "launch", "next_pow2"]
@@ -390,23 +391,26 @@ def launch(
         *score_code.runtime_args(),
         *mask_code.runtime_args(),
     ]
-    kernel[grid](
-        *args,
-        E=E,
-        EV=Ev,
-        E_PAD=e_pad,
-        EV_PAD=ev_pad,
-        BLOCK_M=cfg.BLOCK_M,
-        BLOCK_N=cfg.BLOCK_N,
-        Q_BLOCK=q_block,
-        KV_BLOCK=kv_block,
-        HAS_FULL=has_full,
-        UPCAST=interpreter_on(),
-        BIG=big,
-        EVEN_M=L % cfg.BLOCK_M == 0,
-        EVEN_N=S % kv_block == 0,  # every kv sub-tile of a listed kv-block lies inside S
-        EVEN_D=E == e_pad and Ev == ev_pad,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+    launcher_for(kernel)(
+        grid,
+        tuple(args),
+        dict(
+            E=E,
+            EV=Ev,
+            E_PAD=e_pad,
+            EV_PAD=ev_pad,
+            BLOCK_M=cfg.BLOCK_M,
+            BLOCK_N=cfg.BLOCK_N,
+            Q_BLOCK=q_block,
+            KV_BLOCK=kv_block,
+            HAS_FULL=has_full,
+            UPCAST=interpreter_on(),
+            BIG=big,
+            EVEN_M=L % cfg.BLOCK_M == 0,
+            EVEN_N=S % kv_block == 0,  # every kv sub-tile of a listed kv-block lies inside S
+            EVEN_D=E == e_pad and Ev == ev_pad,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        ),
     )
     return out, lse

@@ -50,7 +50,14 @@ def calls(monkeypatch):
         n["fwd"] += 1
         return fwd(*a, **k)
 
+    plan_call = flex_decode.DecodePlan.__call__
+
+    def count_plan(self, *a, **k):  # a stored plan (repeated decode call): the decode kernel
+        n["decode"] += 1
+        return plan_call(self, *a, **k)
+
     monkeypatch.setattr(flex_decode, "launch_decode", count_dec)
+    monkeypatch.setattr(flex_decode.DecodePlan, "__call__", count_plan)
     monkeypatch.setattr(flex_fwd, "launch", count_fwd)
     return n
 
@@ -447,3 +454,130 @@ def test_torch_compile_decode_dynamic_shapes(calls):
         got = compiled(q, k, v, bm)
         assert calls["decode"] > n
         torch.testing.assert_close(got, f(q, k, v, bm))
+
+
+@pytest.mark.cuda
+def test_cuda_direct_launch_repeated_calls_fresh_and_misaligned_tensors(calls):
+    # after the first call the launcher skips Triton's binding and calls the compiled kernel
+    # directly; fresh tensors, a changed length and 16-byte-misaligned views must still be
+    # right (a misaligned pointer is another specialisation, so another compiled kernel)
+    from hf_flexattn.kernels import _launch
+
+    B, Hq, Hkv, D = 4, 8, 2, 64
+    sm = M.alibi(torch.linspace(0.1, 0.8, Hq, device=DEV))
+    direct = _launch.stats["direct"]
+    for i, (S, shift) in enumerate([(1000, 0), (1000, 0), (1000, 0), (1001, 0), (1000, 3)]):
+        q, k, v = _inputs(B, Hq, Hkv, 1, S + shift, D, D, torch.float16, seed=i)
+        if shift:  # views that start `shift` elements in: not 16-byte aligned
+            k, v = k[:, :, shift:], v[:, :, shift:]
+            q = torch.randn(B * Hq * D + shift, device=DEV, dtype=torch.float16)[shift:]
+            q = q.view(B, Hq, 1, D)
+        bm = create_block_mask(M.causal(S - 1), None, None, 1, S, device=DEV)
+        out, lse = _run(q, k, v, sm, bm, {"decode": True}, None)
+        r_out, r_lse = reference_attention(q, k, v, sm, bm.mask_mod, None, True)
+        b_out, b_lse = reference_attention(
+            q, k, v, sm, bm.mask_mod, None, True, compute_dtype=torch.float16
+        )
+        assert_close_by_ratio(out, r_out, b_out, f"out[{i}]")
+        assert_close_by_ratio(lse, r_lse, b_lse, f"lse[{i}]")
+    assert not _launch._disabled
+    assert _launch.stats["direct"] >= direct + 2  # the repeated calls went direct
+
+
+# ------------------------------------------------------------------ stored decode plans
+TR = {"backend": "triton"}
+
+
+def _plan_setup(S=300, sm_vals=(0.1, 0.5)):
+    slopes = torch.tensor(sm_vals, device=DEV).repeat_interleave(2)  # 4 query heads
+    sm = M.alibi(slopes)
+    bm = create_block_mask(M.causal(S - 1), None, None, 1, S, device=DEV, BLOCK_SIZE=(16, 64))
+    return sm, slopes, bm
+
+
+def _ref_check(out, q, k, v, sm, bm, tag):
+    r, _ = reference_attention(q, k, v, sm, bm.mask_mod, None, True)
+    b, _ = reference_attention(q, k, v, sm, bm.mask_mod, None, True, compute_dtype=q.dtype)
+    assert_close_by_ratio(out, r, b, tag)
+
+
+def test_repeated_decode_call_uses_the_stored_plan_with_new_tensors(monkeypatch):
+    # the second call with the same BlockMask, mods and shapes (another layer, say) runs the
+    # plan stored by the first: fresh q/k/v and in-place changes to captured tensors count
+    S = 300
+    sm, slopes, bm = _plan_setup(S)
+    used = []
+    real = flex_decode.DecodePlan.__call__
+    monkeypatch.setattr(
+        flex_decode.DecodePlan, "__call__", lambda self, *a: used.append(1) or real(self, *a)
+    )
+    for i in range(3):
+        q, k, v = _inputs(2, 4, 2, 1, S, 16, 16, torch.float32, seed=10 + i)
+        if i == 2:
+            slopes.mul_(2.0)  # the mod reads the tensor's current values
+        out = flex_attention(q, k, v, sm, bm, enable_gqa=True, kernel_options=TR, return_lse=True)
+        _ref_check(out[0], q, k, v, sm, bm, f"call {i}")
+        r_lse = reference_attention(q, k, v, sm, bm.mask_mod, None, True)[1]
+        b_lse = reference_attention(q, k, v, sm, bm.mask_mod, None, True, compute_dtype=q.dtype)[1]
+        assert_close_by_ratio(out[1], r_lse, b_lse, f"lse {i}")
+        out = flex_attention(q, k, v, sm, bm, enable_gqa=True, kernel_options=TR)  # no lse
+        _ref_check(out, q, k, v, sm, bm, f"call {i}, no lse")
+    assert len(getattr(bm, tb._PLANS_ATTR)) == 1
+    assert len(used) == 5  # the first call stored the plan, the next five ran it
+
+
+def test_stored_plan_is_not_used_where_validation_or_grad_matters(calls):
+    S = 300
+    sm, _, bm = _plan_setup(S)
+    q, k, v = _inputs(2, 4, 2, 1, S, 16, 16, torch.float32)
+    flex_attention(q, k, v, sm, bm, enable_gqa=True, kernel_options=TR)
+    assert getattr(bm, tb._PLANS_ATTR)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        flex_attention(q, k, v, sm, bm, kernel_options=TR)  # GQA needs enable_gqa still
+    with pytest.raises(TypeError, match="scale"):
+        flex_attention(q, k, v, sm, bm, scale="0.5", enable_gqa=True, kernel_options=TR)
+    # inputs that need a gradient take the regular (differentiable) kernels
+    qg = q.clone().requires_grad_()
+    n_fwd = calls["fwd"]
+    out = flex_attention(qg, k, v, sm, bm, enable_gqa=True, kernel_options=TR)
+    out.sum().backward()
+    assert calls["fwd"] == n_fwd + 1 and qg.grad is not None
+    # another shape or kernel_options: no plan
+    before = calls["decode"]
+    q2, k2, v2 = _inputs(3, 4, 2, 1, S, 16, 16, torch.float32)
+    out2 = flex_attention(q2, k2, v2, sm, bm, enable_gqa=True, kernel_options=dict(TR, split_kv=2))
+    _ref_check(out2, q2, k2, v2, sm, bm, "other shape")
+    assert calls["decode"] == before + 1
+
+
+def test_no_plan_for_mods_that_may_change():
+    # a user closure is re-examined on every call (its captured names may be rebound), so
+    # nothing is stored for it
+    S = 300
+    state = {"off": S - 1}
+
+    def user_causal(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx + state["off"]
+
+    bm = create_block_mask(user_causal, None, None, 1, S, device=DEV, BLOCK_SIZE=(16, 64))
+    q, k, v = _inputs(1, 2, 2, 1, S, 16, 16, torch.float32)
+    flex_attention(q, k, v, None, bm, kernel_options={"backend": "triton"})
+    assert not getattr(bm, tb._PLANS_ATTR, None)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("splits", [2, 7, 33])
+def test_cuda_last_split_combines_repeatedly(calls, splits):
+    # the last split to arrive combines all of them in the same launch (an arrival counter
+    # that resets itself); many launches in a row on fresh data check the ordering and reset
+    B, Hq, Hkv, S, D = 3, 8, 4, 4000, 64
+    bm = create_block_mask(M.causal(S - 1), None, None, 1, S, device=DEV)
+    for i in range(20):
+        q, k, v = _inputs(B, Hq, Hkv, 1, S, D, D, torch.bfloat16, seed=100 + i)
+        out, lse = _run(q, k, v, None, bm, {"decode": True, "split_kv": splits})
+        r_out, r_lse = reference_attention(q, k, v, None, bm.mask_mod, None, True)
+        b_out, b_lse = reference_attention(
+            q, k, v, None, bm.mask_mod, None, True, compute_dtype=torch.bfloat16
+        )
+        assert_close_by_ratio(out, r_out, b_out, f"out[{i}]")
+        assert_close_by_ratio(lse, r_lse, b_lse, f"lse[{i}]")

@@ -27,6 +27,8 @@ and pick launch configs at run time.
 from __future__ import annotations
 
 import logging
+import math
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._mod_eval import _FROZEN_ATTR
 from ..block_mask import _transpose_ordered
 from ..kernels import flex_decode as _flex_decode
 from ..kernels.flex_fwd import next_pow2
@@ -67,6 +70,15 @@ class _Entry:
     n_mask: int
     grad_slots: list[int] = field(default_factory=list)  # score captures needing grad
     _cfgs: dict[tuple, Any] = field(default_factory=dict)
+    _decode: dict[torch.dtype, Any] = field(default_factory=dict)
+
+    def decode_kernel(self, dtype: torch.dtype) -> Any:
+        """The split-KV decode kernel for ``dtype`` (cached on the entry)."""
+        k = self._decode.get(dtype)
+        if k is None:
+            k = _flex_decode.get_decode_kernel(self.score_code, self.mask_code, dtype)
+            self._decode[dtype] = k
+        return k
 
     def config(self, kind: str, head_dim: int, q_len: int, q_block: int, kv_block: int) -> Any:
         """The fwd (``kind="fwd"``) or bwd config for these sizes (cached)."""
@@ -115,6 +127,9 @@ def _register(key: Any, make: Callable[[], _Entry]) -> int:
 def _with_captured(code: Any, tensors: list[Tensor]) -> Any:
     """``code`` (structure of a first call) bound to this call's captured tensors."""
     if not getattr(code, "params", None):
+        return code
+    cur = code.captured
+    if len(cur) == len(tensors) and all(a is b for a, b in zip(cur, tensors)):
         return code
     import copy
 
@@ -207,6 +222,20 @@ def prepare(
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    fkey = None
+    if _frozen(score_mod) and _frozen(mask_mod):
+        # immutable closures (see `freeze`): no structural walk, keyed on identity
+        opts = _options_key(kernel_options) if kernel_options else ()
+        fkey = (id(score_mod), id(mask_mod), dtype, device, q_block, kv_block,
+                q_shape[-1], v_shape[-1], opts)
+        hit = _FROZEN_CACHE.get(fkey)
+        if (
+            hit is not None
+            and hit[1] is score_mod
+            and hit[2] is mask_mod
+            and all(t.requires_grad == g for t, g in zip(hit[0].score_captures, hit[3]))
+        ):
+            return hit[0]
     ckey = _fast_key(
         q_shape, v_shape, dtype, device, score_mod, mask_mod, q_block, kv_block, kernel_options
     )
@@ -224,7 +253,23 @@ def prepare(
         if len(_PREP_CACHE) >= _PREP_CACHE_MAX:
             _PREP_CACHE.pop(next(iter(_PREP_CACHE)))
         _PREP_CACHE[ckey[0]] = (prep.kernel_id, score_code, mask_code, ckey[1])
+    if fkey is not None:
+        if len(_FROZEN_CACHE) >= _PREP_CACHE_MAX:
+            _FROZEN_CACHE.pop(next(iter(_FROZEN_CACHE)))
+        flags = tuple(t.requires_grad for t in prep.score_captures)
+        _FROZEN_CACHE[fkey] = (prep, score_mod, mask_mod, flags)
     return prep
+
+
+# identity of frozen mods -> (Prepared, score_mod, mask_mod, requires_grad flags); holding the
+# mods keeps their ids from being reused while cached
+_FROZEN_CACHE: dict[tuple, tuple] = {}
+
+
+def _frozen(fn: Any) -> bool:
+    """Whether ``fn`` is ``None``, a no-op mask or a mod marked with ``_mod_eval.freeze``."""
+    return getattr(fn, _FROZEN_ATTR, False) is True or _is_noop_mask(fn)
+
 
 
 def _check_devices(score_code, score_caps, mask_code, mask_caps, device) -> None:
@@ -786,8 +831,11 @@ def flex_decode_op(
 
 
 def _decode_impl(
-    q, k, v, kvn, kvi, fkvn, fkvi, score_caps, mask_caps, kernel_id, scale, kv_block, num_splits
+    q, k, v, kvn, kvi, fkvn, fkvi, score_caps, mask_caps, kernel_id, scale, kv_block, num_splits,
+    plan_out: list | None = None,
 ) -> tuple[Tensor, Tensor]:
+    """Run the decode kernels; with ``plan_out`` (a list) also build and append the
+    :class:`~hf_flexattn.kernels.flex_decode.DecodePlan` for later calls of these shapes."""
     from ..kernels import flex_decode
 
     e = _ENTRIES[kernel_id]
@@ -800,7 +848,7 @@ def _decode_impl(
         kv_block,
         num_splits if num_splits > 0 else None,
     )
-    return flex_decode.launch_decode(
+    args = (
         q,
         k,
         v,
@@ -813,7 +861,11 @@ def _decode_impl(
         scale,
         kv_block,
         cfg,
+        e.decode_kernel(q.dtype),
     )
+    if plan_out is not None and q.shape[0] * q.shape[1] * q.shape[2] > 0:
+        plan_out.append(flex_decode.plan_decode(*args))
+    return flex_decode.launch_decode(*args)
 
 
 @flex_decode_op.register_fake
@@ -849,6 +901,97 @@ def _direct_call_ok(tensors: tuple[Tensor, ...]) -> bool:
     if peek is None or peek() is not None:
         return False
     return all(type(t) is Tensor for t in tensors)
+
+
+# ------------------------------------------------------------------------------ decode plans
+# Token-by-token decoding calls attention once per layer with the same BlockMask, mods and
+# shapes, only new q/k/v tensors. The first such call stores a DecodePlan on the BlockMask;
+# `run_plan` (called by `hf_flexattn.flex_attention` before anything else) then skips
+# validation, preparation and config choice, which it may: the key covers every input
+# `flex_attention` validates except the tensors' values, and the mods are frozen.
+_PLANS_ATTR = "_hf_flexattn_plans"
+_MAX_PLANS = 8
+
+
+def _plan_options(kernel_options: Any) -> Any:
+    """The backend choice of ``kernel_options`` if it holds nothing else (plans are made
+    only for calls without tuning options), else a marker that matches no plan."""
+    if not kernel_options:
+        return None
+    if type(kernel_options) is dict and kernel_options.keys() == {"backend"}:
+        return kernel_options["backend"]
+    return _NO_PLAN
+
+
+_NO_PLAN = object()
+
+
+def _plan_key(
+    query: Tensor, key: Tensor, value: Tensor, score_mod: Any, scale: float, opts: Any
+) -> tuple:
+    return (
+        opts,
+        id(score_mod),
+        query.shape,
+        query.stride(),
+        key.shape,
+        key.stride(),
+        value.shape,
+        value.stride(),
+        query.dtype,
+        query.device,
+        scale,
+        os.environ.get("HF_FLEXATTN_BACKEND"),
+    )
+
+
+def _remember_plan(block_mask, query, key, value, score_mod, scale, opts, plan) -> None:
+    plans = getattr(block_mask, _PLANS_ATTR, None)
+    if plans is None:
+        plans = {}
+        try:
+            setattr(block_mask, _PLANS_ATTR, plans)
+        except AttributeError:  # pragma: no cover - a BlockMask class with __slots__
+            return
+    if len(plans) >= _MAX_PLANS:
+        plans.clear()
+    plans[_plan_key(query, key, value, score_mod, float(scale), opts)] = (plan, score_mod)
+
+
+def run_plan(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    score_mod: Any,
+    block_mask: Any,
+    scale: Any,
+    enable_gqa: bool,
+    kernel_options: Any = None,
+    return_lse: bool = True,
+) -> tuple[Tensor, Tensor | None] | None:
+    """``(out, lse)`` from a stored decode plan for exactly these inputs, or ``None``
+    (then the caller takes the normal path); ``lse`` is None unless ``return_lse``."""
+    plans = getattr(block_mask, _PLANS_ATTR, None)
+    if not plans:
+        return None
+    opts = _plan_options(kernel_options)
+    if opts is _NO_PLAN:
+        return None
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    elif type(scale) is not float:
+        return None
+    hit = plans.get(_plan_key(query, key, value, score_mod, scale, opts))
+    if hit is None or hit[1] is not score_mod:
+        return None
+    if (query.shape[1] != key.shape[1] and not enable_gqa) or (
+        torch.is_grad_enabled()
+        and (query.requires_grad or key.requires_grad or value.requires_grad)
+    ):
+        return None
+    if torch.compiler.is_compiling() or not _direct_call_ok((query, key, value)):
+        return None
+    return hit[0](query, key, value, return_lse)
 
 
 # ------------------------------------------------------------------------------ entry point
@@ -928,6 +1071,22 @@ def flex_attention_forward(
             n_splits,
         )
         if not compiling and _direct_call_ok((q_in, k_in, v_in)):
+            opts = _plan_options(kernel_options)
+            if (
+                opts is not _NO_PLAN
+                and q_in is query
+                and k_in is key
+                and v_in is value
+                and _frozen(score_mod)
+                and _frozen(mask_mod)
+            ):
+                plans: list = []
+                res = _decode_impl(*args, plan_out=plans)
+                if plans:
+                    _remember_plan(
+                        block_mask, query, key, value, score_mod, scale, opts, plans[0]
+                    )
+                return res
             return _decode_impl(*args)
         return flex_decode_op(*args)
     if compiling:

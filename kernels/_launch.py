@@ -1,0 +1,186 @@
+"""A cheaper launch path for ``@triton.jit`` kernels that are called again and again.
+
+``kernel[grid](*args, **constexprs)`` binds and specialises every argument in Python on
+each call (tens of microseconds for our ~40-argument kernels). During token-by-token
+decoding that overhead, paid per layer, is larger than the kernel itself. A
+:class:`Launcher` keys the compiled kernel on what Triton specialises on (each tensor's
+dtype and 16-byte alignment, each int's value being 1, divisibility by 16 and 32-bit range,
+the constexpr values, warps and stages), compiles and launches through Triton on a miss, and
+on a hit calls the compiled kernel's launcher directly.
+
+The direct path is used only on CUDA, with no launch hooks installed (profilers such as
+proton add them; an empty hook chain counts as none), and only for plain tensors, ints,
+floats, bools and None; everything else takes Triton's own path. Under
+``TRITON_INTERPRET=1`` it always takes Triton's path.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from ._render import interpreter_on
+
+__all__ = ["Launcher"]
+
+_logger = logging.getLogger(__name__)
+_MAX_KEYS = 256
+_I32 = (-(2**31), 2**31 - 1)
+_disabled = False
+#: launches so far through Triton's own path and directly (for tests and benchmarks)
+stats = {"triton": 0, "direct": 0}
+
+
+def _knobs() -> Any:
+    try:
+        from triton import knobs
+    except ImportError:  # pragma: no cover - triton < 3.4: no direct path
+        return None
+    return knobs
+
+
+def _current_device() -> int:
+    return torch.cuda.current_device()
+
+
+def _raw_stream(device: int) -> int:
+    return torch._C._cuda_getCurrentRawStream(device)
+
+
+def _empty(hook: Any) -> bool:
+    """No launch hook: None, or an empty ``triton.knobs.HookChain`` (Triton >= 3.6)."""
+    return hook is None or (type(hook).__name__ == "HookChain" and not hook.calls)
+
+
+def _spec(args: tuple) -> tuple | None:
+    """What Triton specialises ``args`` on (a superset of it), or None if not plain."""
+    out = []
+    lo, hi = _I32
+    for a in args:
+        t = type(a)
+        if a is None:
+            out.append(None)
+        elif t is bool:
+            out.append("T" if a else "F")  # not 1/0: True == 1 in a dict key
+        elif t is int:
+            if not lo <= a <= hi:
+                return None
+            out.append(1 if a == 1 else (16 if a & 15 == 0 else 0))
+        elif t is float:
+            out.append(0.5)
+        elif isinstance(a, torch.Tensor):
+            out.append((a.dtype, a.data_ptr() & 15 == 0))
+        else:
+            return None
+    return tuple(out)
+
+
+class Launcher:
+    """``Launcher(jit_fn)(grid, args, constexprs)`` launches like
+    ``jit_fn[grid](*args, **constexprs)``; ``constexprs`` (which includes ``num_warps`` and
+    ``num_stages``) must name every parameter after the positional ``args``."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.names = list(fn.arg_names)
+        self.kernels: dict[tuple, tuple] = {}
+
+    def _triton(self, grid: tuple, args: tuple, constexprs: dict) -> Any:
+        stats["triton"] += 1
+        return self.fn[grid](*args, **constexprs)
+
+    def __call__(self, grid: tuple, args: tuple, constexprs: dict) -> None:
+        if _disabled or interpreter_on():
+            self._triton(grid, args, constexprs)
+            return
+        spec = _spec(args)
+        if spec is None:
+            self._triton(grid, args, constexprs)
+            return
+        self._launch(spec, tuple(constexprs.items()), grid, args, constexprs)
+
+    def bind(self, grid: tuple, tail: tuple, constexprs: dict) -> Bound:
+        """A launch whose arguments after the first few are fixed: see :class:`Bound`."""
+        return Bound(self, grid, tail, constexprs)
+
+    def _launch(self, spec: tuple, cx_key: tuple, grid: tuple, args: tuple, cx: dict) -> Any:
+        """Launch directly if ``spec`` was compiled before, else through Triton (recording
+        the compiled kernel). Returns the cache entry used, or None."""
+        global _disabled
+        knobs = _knobs()
+        if knobs is None or not (
+            _empty(knobs.runtime.launch_enter_hook) and _empty(knobs.runtime.launch_exit_hook)
+        ):
+            self._triton(grid, args, cx)
+            return None
+        dev = _current_device()
+        key = (dev, spec, cx_key)
+        hit = self.kernels.get(key)
+        if hit is None:
+            kernel = self._triton(grid, args, cx)
+            names = self.names
+            n = len(args)
+            ok = (
+                kernel is not None
+                and all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata"))
+                and len(names) == n + sum(1 for k in cx if k in names)
+                and all(k in cx for k in names[n:])
+            )
+            if ok:
+                if len(self.kernels) >= _MAX_KEYS:
+                    self.kernels.clear()
+                tail = tuple(cx[k] for k in names[n:])
+                self.kernels[key] = (kernel.run, kernel.function, kernel.packed_metadata, tail)
+            return None
+        run, function, metadata, tail = hit
+        g1 = grid[1] if len(grid) > 1 else 1
+        g2 = grid[2] if len(grid) > 2 else 1
+        stats["direct"] += 1
+        try:
+            run(grid[0], g1, g2, _raw_stream(dev), function, metadata, None, None, None,
+                *args, *tail)
+        except TypeError as e:  # a Triton whose launcher takes other arguments
+            _logger.warning("hf_flexattn: direct Triton launch unavailable (%s); using Triton's", e)
+            _disabled = True
+            stats["direct"] -= 1
+            self._triton(grid, args, cx)
+            return None
+        return hit
+
+
+class Bound:
+    """``bound(*head)`` launches ``fn[grid](*head, *tail, **constexprs)``; the tail's
+    specialisation is computed once, so a call only inspects the head (a few pointers)."""
+
+    def __init__(self, launcher: Launcher, grid: tuple, tail: tuple, constexprs: dict) -> None:
+        self.launcher = launcher
+        self.grid = grid
+        self.tail = tuple(tail)
+        self.constexprs = constexprs
+        self.tail_spec = _spec(self.tail)
+        self.cx_key = tuple(constexprs.items())
+
+    def __call__(self, *head: Any) -> None:
+        args = head + self.tail
+        if _disabled or self.tail_spec is None or interpreter_on():
+            self.launcher._triton(self.grid, args, self.constexprs)
+            return
+        spec = _spec(head)
+        if spec is None:
+            self.launcher._triton(self.grid, args, self.constexprs)
+            return
+        self.launcher._launch(spec + self.tail_spec, self.cx_key, self.grid, args, self.constexprs)
+
+
+def launcher_for(fn: Any) -> Launcher:
+    """The :class:`Launcher` of a jitted kernel (one per kernel object)."""
+    lau = getattr(fn, "_hf_flexattn_launcher", None)
+    if lau is None:
+        lau = Launcher(fn)
+        try:
+            fn._hf_flexattn_launcher = lau
+        except AttributeError:  # pragma: no cover - a kernel object with __slots__
+            pass
+    return lau

@@ -1,0 +1,115 @@
+"""The direct launch path of ``hf_flexattn.kernels._launch`` (logic only, with a stand-in
+for a jitted kernel; the CUDA tests in test_decode.py run it for real)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_flexattn.kernels import _launch
+
+triton = pytest.importorskip("triton")
+
+
+class FakeCompiled:
+    def __init__(self, log):
+        self.function, self.packed_metadata, self.log = "fn", "meta", log
+
+    def run(self, *a):
+        self.log.append(("direct", a))
+
+
+class FakeJit:
+    """Stands in for a @triton.jit function ``k(X, n, scale, BLOCK: constexpr, FLAG:
+    constexpr)``; ``fake[grid](...)`` "compiles" once per call and returns the kernel."""
+
+    arg_names = ["X", "n", "scale", "BLOCK", "FLAG"]
+
+    def __init__(self):
+        self.log = []
+
+    def __getitem__(self, grid):
+        def runner(*args, **kw):
+            self.log.append(("triton", grid, args, kw))
+            return FakeCompiled(self.log)
+
+        return runner
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    monkeypatch.setattr(_launch, "interpreter_on", lambda: False)
+    monkeypatch.setattr(_launch, "_current_device", lambda: 0)
+    monkeypatch.setattr(_launch, "_raw_stream", lambda dev: 1234)
+    monkeypatch.setattr(_launch, "_disabled", False)
+
+
+def test_second_call_goes_direct_with_all_arguments_in_order(fake_cuda):
+    fn = FakeJit()
+    lau = _launch.Launcher(fn)
+    x = torch.zeros(64)
+    cx = dict(BLOCK=32, FLAG=True, num_warps=4, num_stages=2)
+    lau((3, 2), (x, 48, 0.5), cx)
+    lau((5,), (x, 64, 0.25), cx)
+    assert [e[0] for e in fn.log] == ["triton", "direct"]
+    a = fn.log[1][1]
+    # grid padded to 3-D, the current stream, the compiled function and metadata, no hooks,
+    # then every parameter in signature order (constexprs included)
+    assert a[:9] == (5, 1, 1, 1234, "fn", "meta", None, None, None)
+    assert a[9] is x and a[10:] == (64, 0.25, 32, True)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "misaligned",  # a tensor not 16-byte aligned
+        "int1",  # an int equal to 1
+        "int_odd",  # an int no longer divisible by 16
+        "dtype",
+        "constexpr",
+        "warps",
+    ],
+)
+def test_a_new_specialisation_goes_through_triton(fake_cuda, change):
+    fn = FakeJit()
+    lau = _launch.Launcher(fn)
+    base = torch.zeros(64)
+    cx = dict(BLOCK=32, FLAG=True, num_warps=4, num_stages=2)
+    lau((1,), (base, 48, 0.5), cx)
+    x, n, c = base, 48, dict(cx)
+    if change == "misaligned":
+        x = base[1:]
+    elif change == "int1":
+        n = 1
+    elif change == "int_odd":
+        n = 47
+    elif change == "dtype":
+        x = base.double()
+    elif change == "constexpr":
+        c["BLOCK"] = 64
+    else:
+        c["num_warps"] = 8
+    lau((1,), (x, n, 0.5), c)
+    assert [e[0] for e in fn.log] == ["triton", "triton"]
+
+
+def test_hooks_or_odd_arguments_take_triton_path(fake_cuda, monkeypatch):
+    fn = FakeJit()
+    lau = _launch.Launcher(fn)
+    x = torch.zeros(64)
+    cx = dict(BLOCK=32, FLAG=True, num_warps=4, num_stages=2)
+    lau((1,), (x, 48, 0.5), cx)
+    lau((1,), (x, 2**40, 0.5), cx)  # outside int32
+    lau((1,), (x, [1], 0.5), cx)  # not a plain argument
+    from triton import knobs
+
+    hook = knobs.runtime.launch_enter_hook
+    if hook is None or type(hook).__name__ != "HookChain":
+        pytest.skip("this Triton has no launch hook chain")
+    monkeypatch.setattr(hook, "calls", [lambda *a: None])
+    lau((1,), (x, 48, 0.5), cx)
+    assert [e[0] for e in fn.log] == ["triton"] * 4
+
+
+def test_spec_distinguishes_bool_from_int():
+    assert _launch._spec((True,)) != _launch._spec((1,))
+    assert _launch._spec((16,)) != _launch._spec((17,))
