@@ -17,8 +17,8 @@ import os
 import sys
 import tempfile
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
+# conftest.py turns the interpreter on when there is no GPU; setting it here too would switch
+# every kernel rendered later in a GPU session to the interpreter
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

@@ -693,7 +693,8 @@ def test_flattening_collator_cu_seqlens_equal_separate_documents(model_type):
 def test_save_and_load_keeps_flex(tmp_path):
     ref, flex = make_pair("qwen2")
     flex.save_pretrained(tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="flex").eval()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="flex")
+    loaded = loaded.eval().to(DEVICE)
     assert loaded.config._attn_implementation == "flex"
     ids, am = left_padded_batch()
     with torch.no_grad():
@@ -706,7 +707,7 @@ def test_save_and_load_keeps_flex(tmp_path):
 def test_dropout_while_training_is_refused():
     config = tiny_config("llama")
     config.attention_dropout = 0.1
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="flex")
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="flex").to(DEVICE)
     ids, am = left_padded_batch()
     model.train()
     with pytest.raises(ValueError, match="dropout"):
@@ -715,13 +716,19 @@ def test_dropout_while_training_is_refused():
     model(ids, attention_mask=am)  # dropout is not applied in eval: accepted
 
 
+# exact fp64 checks on the CPU run on the torch backend, whatever HF_FLEXATTN_BACKEND says
+TORCH = {"backend": "torch"}
+
+
 def test_attention_function_shapes_gqa_and_unknown_kwargs():
     torch.manual_seed(0)
     q = torch.randn(2, 6, 5, 16, dtype=torch.float64)
     k = torch.randn(2, 2, 9, 16, dtype=torch.float64)
     v = torch.randn(2, 2, 9, 8, dtype=torch.float64)
     bm = integ.flex_mask(2, 5, 9, q_offset=4)
-    out, weights = integ.flex_attention_forward(None, q, k, v, bm, scaling=0.3, something_unknown=1)
+    out, weights = integ.flex_attention_forward(
+        None, q, k, v, bm, scaling=0.3, something_unknown=1, kernel_options=TORCH
+    )
     assert weights is None and out.shape == (2, 5, 6, 8) and out.is_contiguous()
     kk, vv = k.repeat_interleave(3, 1), v.repeat_interleave(3, 1)
     s = (q @ kk.transpose(-1, -2)) * 0.3
@@ -739,7 +746,7 @@ def test_sinks_fold_into_normaliser_with_gradients():
     sinks = torch.randn(4, dtype=torch.float64, requires_grad=True)
     bm = integ.flex_mask(1, 6, 6)
     out, _ = integ.flex_attention_forward(
-        None, q, k, v, bm, scaling=0.25, s_aux=sinks, sliding_window=None
+        None, q, k, v, bm, scaling=0.25, s_aux=sinks, sliding_window=None, kernel_options=TORCH
     )
     s = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.25
     s = s.masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), float("-inf"))
@@ -760,11 +767,11 @@ def test_cu_seq_lens_q_and_k_must_agree():
     cu_q = torch.tensor([0, 5, 12], dtype=torch.int32)
     kw = dict(cu_seq_lens_q=cu_q, cu_seq_lens_k=torch.tensor([0, 6, 12], dtype=torch.int32))
     with pytest.raises(ValueError, match="cu_seq_lens_q and cu_seq_lens_k differ"):
-        integ.flex_attention_forward(None, q, k, k, None, **kw)
+        integ.flex_attention_forward(None, q, k, k, None, kernel_options=TORCH, **kw)
     # equal contents in distinct tensors (what DataCollatorWithFlattening sends) are fine
     q, k = q.double(), k.double()
     out, _ = integ.flex_attention_forward(
-        None, q, k, k, None, cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_q.clone()
+        None, q, k, k, None, cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_q.clone(), kernel_options=TORCH
     )
     assert out.shape == (1, 12, 4, 16)
     for a, b in ((0, 5), (5, 12)):  # each document alone, causal
