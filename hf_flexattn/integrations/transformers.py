@@ -172,6 +172,13 @@ def _tensor_key(x: Any) -> Any:
     return x
 
 
+def _bounded_put(cache: OrderedDict, key: Any, value: Any, size: int) -> None:
+    """Insert into an LRU-ordered dict, dropping the oldest entries beyond ``size``."""
+    cache[key] = value
+    while len(cache) > size:
+        cache.popitem(last=False)
+
+
 def _cache_get(key: tuple) -> Any:
     hit = _mask_cache.get(key)
     if hit is None:
@@ -182,9 +189,7 @@ def _cache_get(key: tuple) -> Any:
 
 def _cache_put(key: tuple, value: Any, refs: list) -> None:
     # `refs` keeps the keyed tensors alive so that their ids cannot be reused while cached
-    _mask_cache[key] = (value, refs)
-    while len(_mask_cache) > _CACHE_SIZE:
-        _mask_cache.popitem(last=False)
+    _bounded_put(_mask_cache, key, (value, refs), _CACHE_SIZE)
 
 
 def clear_cache() -> None:
@@ -387,9 +392,7 @@ def _index_buffer(n: int, device: torch.device) -> torch.Tensor:
     if buf is None:
         buf = torch.arange(2 * n + 1, dtype=torch.int32, device=device)
         buf[n:] -= n
-        _INDEX_BUFFERS[key] = buf
-        while len(_INDEX_BUFFERS) > 64:
-            _INDEX_BUFFERS.popitem(last=False)
+        _bounded_put(_INDEX_BUFFERS, key, buf, 64)
     return buf
 
 
@@ -478,9 +481,7 @@ def _build_one_q_tile(
             buf.as_strided((1, 1, 1), (1, 1, 1), n + fc),
             buf.as_strided((1, 1, 1, n), (n, n, n, 1), fs),
         )
-        _INDEX_VIEWS[key] = views
-        while len(_INDEX_VIEWS) > 256:
-            _INDEX_VIEWS.popitem(last=False)
+        _bounded_put(_INDEX_VIEWS, key, views, 256)
     pad_t = None if pad is None else torch.nn.functional.pad(pad, (0, n * block - kv_length))
     mask_mod = _structured_mask_mod(st, q_offset, kv_offset, pad_t, device)
     return BlockMask(
@@ -513,9 +514,7 @@ def _offset_tensor(value: int, device: torch.device) -> torch.Tensor:
     if t is None:
         # a fill kernel, not a host-to-device copy (which would wait for the GPU)
         t = torch.full((), int(value), dtype=torch.long, device=device)
-        _OFFSETS[key] = t
-        while len(_OFFSETS) > 4096:
-            _OFFSETS.popitem(last=False)
+        _bounded_put(_OFFSETS, key, t, 4096)
     return t
 
 
@@ -849,7 +848,7 @@ def _dense_mask_score_mod(mask: torch.Tensor) -> Callable:
 
 
 _COMPOSED: OrderedDict[tuple, tuple[Callable, tuple]] = OrderedDict()
-_SOFTCAPS: dict[float, Callable] = {}
+_SOFTCAPS: OrderedDict[float, Callable] = OrderedDict()
 
 
 def _softcap_mod(cap: float) -> Callable:
@@ -859,7 +858,8 @@ def _softcap_mod(cap: float) -> Callable:
     if fn is None:
         from hf_flexattn import mods
 
-        fn = _SOFTCAPS[cap] = mods.softcap(cap)
+        fn = mods.softcap(cap)
+        _bounded_put(_SOFTCAPS, cap, fn, 64)
     return fn
 
 
@@ -875,9 +875,8 @@ def _compose(mods_list: list[Callable]) -> Callable | None:
     from hf_flexattn import mods
 
     fn = mods.compose_score_mods(*mods_list)
-    _COMPOSED[key] = (fn, tuple(mods_list))  # keeps the parts alive: their ids stay theirs
-    while len(_COMPOSED) > 64:
-        _COMPOSED.popitem(last=False)
+    # the entry keeps the parts alive, so their ids stay theirs
+    _bounded_put(_COMPOSED, key, (fn, tuple(mods_list)), 64)
     return fn
 
 
@@ -949,9 +948,7 @@ def _cu_differ(cu_q: torch.Tensor, cu_k: torch.Tensor) -> bool:
     if hit is not None and hit[0] is cu_q and hit[1] is cu_k:  # same live tensors
         return hit[2]
     differ = not torch.equal(cu_q, cu_k)
-    _CU_CHECKED[key] = (cu_q, cu_k, differ)
-    while len(_CU_CHECKED) > 64:
-        _CU_CHECKED.popitem(last=False)
+    _bounded_put(_CU_CHECKED, key, (cu_q, cu_k, differ), 64)
     return differ
 
 
