@@ -54,6 +54,13 @@ def _empty(hook: Any) -> bool:
     return hook is None or (type(hook).__name__ == "HookChain" and not hook.calls)
 
 
+def _no_hooks() -> bool:
+    knobs = _knobs()
+    return knobs is not None and (
+        _empty(knobs.runtime.launch_enter_hook) and _empty(knobs.runtime.launch_exit_hook)
+    )
+
+
 def _spec(args: tuple) -> tuple | None:
     """What Triton specialises ``args`` on (a superset of it), or None if not plain."""
     out = []
@@ -108,11 +115,7 @@ class Launcher:
     def _launch(self, spec: tuple, cx_key: tuple, grid: tuple, args: tuple, cx: dict) -> Any:
         """Launch directly if ``spec`` was compiled before, else through Triton (recording
         the compiled kernel). Returns the cache entry used, or None."""
-        global _disabled
-        knobs = _knobs()
-        if knobs is None or not (
-            _empty(knobs.runtime.launch_enter_hook) and _empty(knobs.runtime.launch_exit_hook)
-        ):
+        if not _no_hooks():
             self._triton(grid, args, cx)
             return None
         dev = _current_device()
@@ -134,20 +137,24 @@ class Launcher:
                 tail = tuple(cx[k] for k in names[n:])
                 self.kernels[key] = (kernel.run, kernel.function, kernel.packed_metadata, tail)
             return None
+        g = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+        return hit if self._direct(hit, dev, g, grid, args, cx) else None
+
+    def _direct(self, hit: tuple, dev: int, g: tuple, grid: tuple, args: tuple, cx: dict) -> bool:
+        """Call the compiled kernel's launcher; False (after launching through Triton) if
+        this Triton's launcher takes other arguments."""
+        global _disabled
         run, function, metadata, tail = hit
-        g1 = grid[1] if len(grid) > 1 else 1
-        g2 = grid[2] if len(grid) > 2 else 1
-        stats["direct"] += 1
         try:
-            run(grid[0], g1, g2, _raw_stream(dev), function, metadata, None, None, None,
+            run(g[0], g[1], g[2], _raw_stream(dev), function, metadata, None, None, None,
                 *args, *tail)
-        except TypeError as e:  # a Triton whose launcher takes other arguments
+        except TypeError as e:  # raised while parsing arguments: nothing was launched
             _logger.warning("hf_flexattn: direct Triton launch unavailable (%s); using Triton's", e)
             _disabled = True
-            stats["direct"] -= 1
             self._triton(grid, args, cx)
-            return None
-        return hit
+            return False
+        stats["direct"] += 1
+        return True
 
 
 class Bound:
@@ -157,21 +164,30 @@ class Bound:
     def __init__(self, launcher: Launcher, grid: tuple, tail: tuple, constexprs: dict) -> None:
         self.launcher = launcher
         self.grid = grid
+        self.g = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
         self.tail = tuple(tail)
         self.constexprs = constexprs
         self.tail_spec = _spec(self.tail)
         self.cx_key = tuple(constexprs.items())
+        self.slow = self.tail_spec is None or interpreter_on()
+        self.hits: dict[tuple, tuple] = {}  # (device, head spec) -> launcher entry
 
     def __call__(self, *head: Any) -> None:
         args = head + self.tail
-        if _disabled or self.tail_spec is None or interpreter_on():
-            self.launcher._triton(self.grid, args, self.constexprs)
-            return
-        spec = _spec(head)
+        spec = None if self.slow or _disabled else _spec(head)
         if spec is None:
             self.launcher._triton(self.grid, args, self.constexprs)
             return
-        self.launcher._launch(spec + self.tail_spec, self.cx_key, self.grid, args, self.constexprs)
+        dev = _current_device()
+        hit = self.hits.get((dev, spec))
+        if hit is not None and _no_hooks():
+            self.launcher._direct(hit, dev, self.g, self.grid, args, self.constexprs)
+            return
+        hit = self.launcher._launch(
+            spec + self.tail_spec, self.cx_key, self.grid, args, self.constexprs
+        )
+        if hit is not None:
+            self.hits[(dev, spec)] = hit
 
 
 def launcher_for(fn: Any) -> Launcher:

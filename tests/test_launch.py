@@ -113,3 +113,19 @@ def test_hooks_or_odd_arguments_take_triton_path(fake_cuda, monkeypatch):
 def test_spec_distinguishes_bool_from_int():
     assert _launch._spec((True,)) != _launch._spec((1,))
     assert _launch._spec((16,)) != _launch._spec((17,))
+
+
+def test_bound_launch_inspects_only_the_head(fake_cuda):
+    fn = FakeJit()
+    lau = _launch.Launcher(fn)
+    cx = dict(BLOCK=32, FLAG=True, num_warps=4, num_stages=2)
+    bound = lau.bind((7, 3), (48, 0.5), cx)
+    x, y = torch.zeros(64), torch.ones(64)
+    bound(x)
+    bound(y)  # same specialisation (aligned float32 tensor): direct
+    bound(y[1:])  # misaligned head: another specialisation, through Triton
+    bound(y)
+    assert [e[0] for e in fn.log] == ["triton", "direct", "triton", "direct"]
+    a = fn.log[1][1]
+    assert a[:9] == (7, 3, 1, 1234, "fn", "meta", None, None, None)
+    assert a[9] is y and a[10:] == (48, 0.5, 32, True)
