@@ -215,10 +215,10 @@ def flex_attention(
     Returns:
         ``out [B, Hq, L, Ev]`` in the input dtype, or ``(out, lse)``.
     """
-    if getattr(block_mask, "_hf_flexattn_plans", None):
-        from .backends.triton_backend import run_plan
+    if getattr(block_mask, "_hf_flexattn_plans", None):  # set by the Triton backend only
+        from .backends import triton_backend
 
-        res = run_plan(
+        res = triton_backend.run_plan(
             query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options, return_lse
         )
         if res is not None:  # a repeated decode call, validated when the plan was stored

@@ -33,12 +33,18 @@ _disabled = False
 stats = {"triton": 0, "direct": 0}
 
 
+_KNOBS: list = []
+
+
 def _knobs() -> Any:
-    try:
-        from triton import knobs
-    except ImportError:  # pragma: no cover - triton < 3.4: no direct path
-        return None
-    return knobs
+    """``triton.knobs`` (imported once), or None before Triton 3.4: no direct path."""
+    if not _KNOBS:
+        try:
+            from triton import knobs
+        except ImportError:  # pragma: no cover
+            knobs = None
+        _KNOBS.append(knobs)
+    return _KNOBS[0]
 
 
 def _current_device() -> int:
@@ -159,7 +165,8 @@ class Launcher:
 
 class Bound:
     """``bound(*head)`` launches ``fn[grid](*head, *tail, **constexprs)``; the tail's
-    specialisation is computed once, so a call only inspects the head (a few pointers)."""
+    specialisation is computed once, so a call only inspects the head: tensors whose dtypes
+    must not change from call to call (their alignment may)."""
 
     def __init__(self, launcher: Launcher, grid: tuple, tail: tuple, constexprs: dict) -> None:
         self.launcher = launcher
@@ -172,22 +179,28 @@ class Bound:
         self.slow = self.tail_spec is None or interpreter_on()
         self.hits: dict[tuple, tuple] = {}  # (device, head spec) -> launcher entry
 
-    def __call__(self, *head: Any) -> None:
+    def __call__(self, *head: torch.Tensor) -> None:
         args = head + self.tail
-        spec = None if self.slow or _disabled else _spec(head)
-        if spec is None:
+        if self.slow or _disabled:
             self.launcher._triton(self.grid, args, self.constexprs)
             return
+        # the head is tensors whose dtypes the owner keeps fixed: their alignment is all that
+        # can change Triton's specialisation from call to call
         dev = _current_device()
-        hit = self.hits.get((dev, spec))
+        key = (dev, tuple(t.data_ptr() & 15 == 0 for t in head))
+        hit = self.hits.get(key)
         if hit is not None and _no_hooks():
             self.launcher._direct(hit, dev, self.g, self.grid, args, self.constexprs)
+            return
+        spec = _spec(head)
+        if spec is None:
+            self.launcher._triton(self.grid, args, self.constexprs)
             return
         hit = self.launcher._launch(
             spec + self.tail_spec, self.cx_key, self.grid, args, self.constexprs
         )
         if hit is not None:
-            self.hits[(dev, spec)] = hit
+            self.hits[key] = (hit[0], hit[1], hit[2], hit[3])
 
 
 def launcher_for(fn: Any) -> Launcher:

@@ -527,9 +527,11 @@ def launch_decode(
     kv_block: int,
     cfg: DecodeConfig,
     kernel: Any = None,
+    plan: DecodePlan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the split-KV forward (``kernel``: from :func:`get_decode_kernel`, if the caller
-    keeps it). q ``[B,Hq,L,E]``, k ``[B,Hkv,S,E]``, v ``[B,Hkv,S,Ev]``
+    keeps it; ``plan``: the :func:`plan_decode` of these same arguments, if already made).
+    q ``[B,Hq,L,E]``, k ``[B,Hkv,S,E]``, v ``[B,Hkv,S,Ev]``
     (last dims contiguous recommended), BlockMask index tensors ``[Bm, Hm, nQ(, k)]`` whose
     q-block 0 covers all ``L`` rows. Returns out ``[B,Hq,L,Ev]`` (q's dtype) and lse
     ``[B,Hq,L]`` fp32 natural log (``-inf`` where a row sees nothing)."""
@@ -538,8 +540,9 @@ def launch_decode(
         Ev = v.shape[3]
         out = torch.empty((B, Hq, L, Ev), dtype=q.dtype, device=q.device)
         return out, torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
-    plan = plan_decode(
-        q, k, v, kv_num, kv_idx, full_num, full_idx, score_code, mask_code, scale, kv_block,
-        cfg, kernel,
-    )
+    if plan is None:
+        plan = plan_decode(
+            q, k, v, kv_num, kv_idx, full_num, full_idx, score_code, mask_code, scale, kv_block,
+            cfg, kernel,
+        )
     return plan.run(q, k, v)

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .._mod_eval import _FROZEN_ATTR
 from ..block_mask import _transpose_ordered
@@ -144,7 +145,14 @@ def _capability(device: torch.device) -> tuple[int, int] | None:
 
     if device.type != "cuda" or interpreter_on():
         return None
-    return torch.cuda.get_device_capability(device)
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    cap = _CAPS.get(idx)
+    if cap is None:
+        cap = _CAPS[idx] = torch.cuda.get_device_capability(idx)
+    return cap
+
+
+_CAPS: dict[int, tuple[int, int]] = {}
 
 
 _NOOPS: tuple = ()
@@ -864,7 +872,9 @@ def _decode_impl(
         e.decode_kernel(q.dtype),
     )
     if plan_out is not None and q.shape[0] * q.shape[1] * q.shape[2] > 0:
-        plan_out.append(flex_decode.plan_decode(*args))
+        plan = flex_decode.plan_decode(*args)
+        plan_out.append(plan)
+        return flex_decode.launch_decode(*args, plan=plan)
     return flex_decode.launch_decode(*args)
 
 
@@ -893,14 +903,17 @@ def _direct_call_ok(tensors: tuple[Tensor, ...]) -> bool:
     tensors, no modes or functorch transforms active): saves the custom-op overhead."""
     if torch._C._is_torch_function_mode_enabled():
         return False
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
     if _get_current_dispatch_mode() is not None:
         return False
-    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
-    if peek is None or peek() is not None:
+    if _peek_interpreter_stack is None or _peek_interpreter_stack() is not None:
         return False
-    return all(type(t) is Tensor for t in tensors)
+    for t in tensors:
+        if type(t) is not Tensor:
+            return False
+    return True
+
+
+_peek_interpreter_stack = getattr(torch._C._functorch, "peek_interpreter_stack", None)
 
 
 # ------------------------------------------------------------------------------ decode plans

@@ -896,7 +896,7 @@ def run_flex(
     ``out * exp(lse - logaddexp(lse, s_aux[h]))``, differentiable in ``s_aux``.
     Returns ``[B, Hq, Lq, Dv]``.
     """
-    from hf_flexattn import flex_attention
+    from hf_flexattn.api import flex_attention
 
     gqa = query.shape[1] != key.shape[1]
     score_mod = _compose(score_mods)
