@@ -430,11 +430,16 @@ class DecodePlan:
         return self.run(q, k, v, need_lse)
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            need_lse: bool = True) -> tuple:
+            need_lse: bool = True, fresh: bool = False) -> tuple:
         """``(out [B, Hq, L, Ev], lse [B, Hq, L])``; ``plan(q, k, v)`` calls this. Without
-        ``need_lse`` the lse is ``None`` (written to a scratch buffer)."""
+        ``need_lse`` the lse is ``None`` (written to a scratch buffer). ``fresh``: new
+        workspace buffers instead of the cached ones (calls from compiled graphs, whose
+        allocations may come from a CUDA-graph pool that must not be cached)."""
         out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
-        op, lp, cnt, scratch = _workspace(self.device, *self.ws)
+        if fresh:
+            op, lp, cnt, scratch = _new_workspace(self.device, *self.ws)
+        else:
+            op, lp, cnt, scratch = _workspace(self.device, *self.ws)
         lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device) if (
             need_lse
         ) else scratch
@@ -528,9 +533,11 @@ def launch_decode(
     cfg: DecodeConfig,
     kernel: Any = None,
     plan: DecodePlan | None = None,
+    fresh: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the split-KV forward (``kernel``: from :func:`get_decode_kernel`, if the caller
-    keeps it; ``plan``: the :func:`plan_decode` of these same arguments, if already made).
+    keeps it; ``plan``: the :func:`plan_decode` of these same arguments, if already made;
+    ``fresh``: see :meth:`DecodePlan.run`).
     q ``[B,Hq,L,E]``, k ``[B,Hkv,S,E]``, v ``[B,Hkv,S,Ev]``
     (last dims contiguous recommended), BlockMask index tensors ``[Bm, Hm, nQ(, k)]`` whose
     q-block 0 covers all ``L`` rows. Returns out ``[B,Hq,L,Ev]`` (q's dtype) and lse
@@ -545,4 +552,4 @@ def launch_decode(
             q, k, v, kv_num, kv_idx, full_num, full_idx, score_code, mask_code, scale, kv_block,
             cfg, kernel,
         )
-    return plan.run(q, k, v)
+    return plan.run(q, k, v, fresh=fresh)

@@ -581,3 +581,23 @@ def test_cuda_last_split_combines_repeatedly(calls, splits):
         )
         assert_close_by_ratio(out, r_out, b_out, f"out[{i}]")
         assert_close_by_ratio(lse, r_lse, b_lse, f"lse[{i}]")
+
+
+def test_compiled_calls_do_not_cache_workspaces(calls):
+    # the custom op may run in a CUDA-graph warm-up, whose allocations come from the graph's
+    # pool: it must not leave them in the workspace cache that eager calls reuse
+    S, L = 300, 1
+    q, k, v = _inputs(1, 4, 2, L, S, 16, 16, torch.float32)
+    bm = create_block_mask(M.causal(S - L), None, None, L, S, device=DEV, BLOCK_SIZE=(16, 64))
+
+    def f(q, k, v):
+        opts = {"backend": "triton"}
+        return flex_attention(q, k, v, None, bm, enable_gqa=True, kernel_options=opts)
+
+    flex_decode._WORKSPACE.clear()
+    torch._dynamo.reset()
+    n = calls["decode"]
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    assert calls["decode"] > n and not flex_decode._WORKSPACE
+    torch.testing.assert_close(got, f(q, k, v))  # the eager call caches its workspace
+    assert flex_decode._WORKSPACE

@@ -835,15 +835,19 @@ def flex_decode_op(
         scale,
         kv_block,
         num_splits,
+        fresh=True,  # the op runs inside compiled graphs: no cached workspace
     )
 
 
 def _decode_impl(
     q, k, v, kvn, kvi, fkvn, fkvi, score_caps, mask_caps, kernel_id, scale, kv_block, num_splits,
     plan_out: list | None = None,
+    fresh: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Run the decode kernels; with ``plan_out`` (a list) also build and append the
-    :class:`~hf_flexattn.kernels.flex_decode.DecodePlan` for later calls of these shapes."""
+    """Run the decode kernel; with ``plan_out`` (a list) also build and append the
+    :class:`~hf_flexattn.kernels.flex_decode.DecodePlan` for later calls of these shapes.
+    ``fresh``: allocate the workspace instead of reusing the cached one (the custom op, which
+    may run in a CUDA-graph warm-up whose allocations come from the graph's pool)."""
     from ..kernels import flex_decode
 
     e = _ENTRIES[kernel_id]
@@ -875,7 +879,7 @@ def _decode_impl(
         plan = flex_decode.plan_decode(*args)
         plan_out.append(plan)
         return flex_decode.launch_decode(*args, plan=plan)
-    return flex_decode.launch_decode(*args)
+    return flex_decode.launch_decode(*args, fresh=fresh)
 
 
 @flex_decode_op.register_fake
