@@ -534,6 +534,8 @@ def test_stored_plan_is_not_used_where_validation_or_grad_matters(calls):
     assert getattr(bm, tb._PLANS_ATTR)
     with pytest.raises(ValueError, match="enable_gqa"):
         flex_attention(q, k, v, sm, bm, kernel_options=TR)  # GQA needs enable_gqa still
+    with pytest.raises(TypeError, match="dtype"):  # same shapes, another dtype: validated
+        flex_attention(q, k.double(), v, sm, bm, enable_gqa=True, kernel_options=TR)
     with pytest.raises(TypeError, match="scale"):
         flex_attention(q, k, v, sm, bm, scale="0.5", enable_gqa=True, kernel_options=TR)
     # inputs that need a gradient take the regular (differentiable) kernels

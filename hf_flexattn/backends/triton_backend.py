@@ -956,7 +956,11 @@ def _plan_key(
         value.shape,
         value.stride(),
         query.dtype,
+        key.dtype,
+        value.dtype,
         query.device,
+        key.device,
+        value.device,
         scale,
         os.environ.get("HF_FLEXATTN_BACKEND"),
     )
