@@ -531,9 +531,8 @@ def launch_bwd(
         cfg = BwdConfig(cfg, cfg)
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    # laid out like their inputs (dense inputs keep their strides), as the fake op says
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if L == 0 or S == 0 or B * H == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     e_pad, ev_pad = max(16, next_pow2(E)), max(16, next_pow2(Ev))

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from ._launch import launcher_for
+from ._layout import empty_like_query, query_order, strides_in_order
 from ._render import NoScoreMod, interpreter_on, load_rendered
 
 __all__ = [
@@ -420,9 +421,11 @@ class DecodePlan:
     so a call costs the output allocations and one launch."""
 
     def __init__(self, split: Any, out_shape: tuple, dtype: torch.dtype,
-                 device: torch.device, ws: tuple) -> None:
+                 device: torch.device, ws: tuple, out_strides: tuple | None = None) -> None:
         self.split = split
+        # out's strides (q's memory order): what the launch was bound with
         self.out_shape, self.lse_shape = out_shape, out_shape[:3]
+        self.out_strides = out_strides or strides_in_order(out_shape, None)
         self.dtype, self.device, self.ws = dtype, device, ws
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -435,7 +438,9 @@ class DecodePlan:
         ``need_lse`` the lse is ``None`` (written to a scratch buffer). ``fresh``: new
         workspace buffers instead of the cached ones (calls from compiled graphs, whose
         allocations may come from a CUDA-graph pool that must not be cached)."""
-        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+        out = torch.empty_strided(
+            self.out_shape, self.out_strides, dtype=self.dtype, device=self.device
+        )
         if fresh:
             op, lp, cnt, scratch = _new_workspace(self.device, *self.ws)
         else:
@@ -474,14 +479,12 @@ def plan_decode(
     big = S * max(abs(k.stride(2)), abs(v.stride(2))) >= 2**31 - 1
     kvi = _index_args(kv_num, kv_idx, B, Hq)
     fkvi = _index_args(full_num, full_idx, B, Hq) if has_full else kvi
+    order = query_order(q)  # out is stored in q's memory order
+    out_strides = strides_in_order((B, Hq, L, Ev), order)
     split_launch = launcher_for(split).bind(
         (ns, B * Hkv),
         (
-            # out is allocated contiguous [B, Hq, L, Ev]
-            Hq * L * Ev,
-            L * Ev,
-            Ev,
-            1,
+            *out_strides,
             *q.stride(),
             *k.stride(),
             *v.stride(),
@@ -515,7 +518,9 @@ def plan_decode(
             num_stages=cfg.num_stages,
         ),
     )
-    return DecodePlan(split_launch, (B, Hq, L, Ev), q.dtype, q.device, (B, Hq, Hkv, L, ns, Ev))
+    return DecodePlan(
+        split_launch, (B, Hq, L, Ev), q.dtype, q.device, (B, Hq, Hkv, L, ns, Ev), out_strides
+    )
 
 
 def launch_decode(
@@ -540,12 +545,12 @@ def launch_decode(
     ``fresh``: see :meth:`DecodePlan.run`).
     q ``[B,Hq,L,E]``, k ``[B,Hkv,S,E]``, v ``[B,Hkv,S,Ev]``
     (last dims contiguous recommended), BlockMask index tensors ``[Bm, Hm, nQ(, k)]`` whose
-    q-block 0 covers all ``L`` rows. Returns out ``[B,Hq,L,Ev]`` (q's dtype) and lse
+    q-block 0 covers all ``L`` rows. Returns out ``[B,Hq,L,Ev]`` (q's dtype, stored in q's
+    memory order) and lse
     ``[B,Hq,L]`` fp32 natural log (``-inf`` where a row sees nothing)."""
     B, Hq, L, _ = q.shape
     if L == 0 or B * Hq == 0:
-        Ev = v.shape[3]
-        out = torch.empty((B, Hq, L, Ev), dtype=q.dtype, device=q.device)
+        out = empty_like_query(q, v.shape[3])
         return out, torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
     if plan is None:
         plan = plan_decode(

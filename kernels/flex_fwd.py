@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ._launch import launcher_for
+from ._layout import empty_like_query
 from ._render import interpreter_on, load_rendered
 
 __all__ = ["FwdConfig", "choose_config", "get_kernel", "launch", "next_pow2"]
@@ -359,10 +360,10 @@ def launch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel. q ``[B,Hq,L,E]``, k ``[B,Hkv,S,E]``, v ``[B,Hkv,S,Ev]``
     (last dim contiguous not required but recommended); returns out ``[B,Hq,L,Ev]`` in
-    q's dtype and lse ``[B,Hq,L]`` fp32."""
+    q's dtype, stored in q's memory order, and lse ``[B,Hq,L]`` fp32."""
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
-    out = torch.empty((B, H, L, Ev), dtype=q.dtype, device=q.device)
+    out = empty_like_query(q, Ev)  # q's memory order (as torch's flex_attention)
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     if L == 0:
         return out, lse

@@ -526,6 +526,25 @@ def test_repeated_decode_call_uses_the_stored_plan_with_new_tensors(monkeypatch)
     assert len(used) == 5  # the first call stored the plan, the next five ran it
 
 
+def test_decode_output_is_stored_like_the_query(calls):
+    # L > 1 rows of a [B, L, H, D] query (Transformers' layout): the output of the first call
+    # (which stores the plan) and of the plan's calls is laid out like q, so the caller's
+    # out.transpose(1, 2) is contiguous without a copy
+    S, L = 300, 4
+    slopes = torch.tensor([0.1, 0.5], device=DEV).repeat_interleave(2)
+    sm = M.alibi(slopes)
+    bm = create_block_mask(M.causal(S - L), None, None, L, S, device=DEV, BLOCK_SIZE=(16, 64))
+    for i in range(2):
+        q, k, v = _inputs(2, 4, 2, L, S, 16, 16, torch.float32, seed=20 + i)
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, Hq, L, E] view of [B, L, Hq, E]
+        before = calls["decode"]
+        out = flex_attention(q, k, v, sm, bm, enable_gqa=True, kernel_options=TR)
+        assert calls["decode"] == before + 1
+        assert out.shape == (2, 4, L, 16) and out.transpose(1, 2).is_contiguous(), i
+        _ref_check(out, q, k, v, sm, bm, f"call {i}")
+    assert getattr(bm, tb._PLANS_ATTR)
+
+
 def test_stored_plan_is_not_used_where_validation_or_grad_matters(calls):
     S = 300
     sm, _, bm = _plan_setup(S)

@@ -286,18 +286,35 @@ def test_mask_broadcast_heads_and_kernel_options_small_tiles():
     )
 
 
-def test_strided_inputs():
-    # q/k/v as transposed views of [B, L, H, D] (BSHD layout)
+def test_strided_inputs_outputs_and_grads_keep_the_layout():
+    # q/k/v as transposed views of [B, L, H, D] (Transformers' layout, GQA): the output is
+    # stored like q (so out.transpose(1, 2) is contiguous) and each gradient like its input
     g = torch.Generator().manual_seed(1)
-    B, H, L, E = 1, 2, 33, 16
-    q = torch.randn(B, L, H, E, generator=g).to(DEV).transpose(1, 2)
-    k = torch.randn(B, L, H, E, generator=g).to(DEV).transpose(1, 2)
-    v = torch.randn(B, L, H, E, generator=g).to(DEV).transpose(1, 2)
+    B, Hq, Hkv, L, E, Ev = 2, 4, 2, 33, 16, 32
+    q = torch.randn(B, L, Hq, E, generator=g).to(DEV).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, L, Hkv, E, generator=g).to(DEV).transpose(1, 2).requires_grad_()
+    v = torch.randn(B, L, Hkv, Ev, generator=g).to(DEV).transpose(1, 2).requires_grad_()
     bm = create_block_mask(causal(), None, None, L, L, device=DEV, BLOCK_SIZE=(16, 16))
-    out = flex_attention(q, k, v, block_mask=bm, kernel_options=TRITON)
-    r, _ = reference_attention(q, k, v, mask_mod=causal())
-    b, _ = reference_attention(q, k, v, mask_mod=causal(), compute_dtype=torch.float32)
+    out = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, kernel_options=TRITON)
+    assert out.shape == (B, Hq, L, Ev) and out.transpose(1, 2).is_contiguous()
+    r, _ = reference_attention(q, k, v, mask_mod=causal(), enable_gqa=True)
+    b, _ = reference_attention(
+        q, k, v, mask_mod=causal(), enable_gqa=True, compute_dtype=torch.float32
+    )
     assert_close_by_ratio(out, r, b, "out")
+    dout = torch.randn(B, L, Hq, Ev, generator=g).to(DEV).transpose(1, 2)
+    got = torch.autograd.grad(out, [q, k, v], dout)
+    want = torch.autograd.grad(r, [q, k, v], dout.double())
+    base = torch.autograd.grad(b, [q, k, v], dout)
+    for name, x, a, w, bb in zip("qkv", (q, k, v), got, want, base):
+        assert a.stride() == x.stride(), name
+        assert_close_by_ratio(a, w, bb, "d" + name)
+    # plain [B, H, L, D] inputs keep giving plain contiguous outputs
+    q2, k2, v2 = (t.detach().transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    q2, k2, v2 = q2.contiguous(), k2.contiguous(), v2.contiguous()
+    out2 = flex_attention(q2, k2, v2, block_mask=bm, enable_gqa=True, kernel_options=TRITON)
+    assert out2.is_contiguous()
+    torch.testing.assert_close(out2, out.detach())
 
 
 def test_same_structure_compiles_once():

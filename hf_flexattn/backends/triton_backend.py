@@ -41,6 +41,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from .._mod_eval import _FROZEN_ATTR
 from ..block_mask import _transpose_ordered
 from ..kernels import flex_decode as _flex_decode
+from ..kernels._layout import empty_like_query
 from ..kernels.flex_fwd import next_pow2
 
 __all__ = ["flex_attention_forward", "prepare", "Prepared", "DECODE_MIN_S"]
@@ -556,7 +557,7 @@ def _flex_fwd_fake(
     kv_block,
 ):
     B, H, L, _ = q.shape
-    out = q.new_empty((B, H, L, v.shape[-1]))
+    out = empty_like_query(q, v.shape[-1])  # the strides the kernel's launcher gives it
     lse = q.new_empty((B, H, L), dtype=torch.float32)
     return out, lse
 
@@ -899,7 +900,7 @@ def _flex_decode_fake(
     num_splits,
 ):
     B, H, L, _ = q.shape
-    return q.new_empty((B, H, L, v.shape[-1])), q.new_empty((B, H, L), dtype=torch.float32)
+    return empty_like_query(q, v.shape[-1]), q.new_empty((B, H, L), dtype=torch.float32)
 
 
 def _direct_call_ok(tensors: tuple[Tensor, ...]) -> bool:
