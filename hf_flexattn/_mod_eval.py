@@ -339,6 +339,21 @@ def freeze(fn: Callable) -> Callable:
     return fn
 
 
+_FAMILY_ATTR = "_hf_flexattn_family"
+
+
+def freeze_family(fn: Callable, token: Any, captures: tuple) -> Callable:
+    """:func:`freeze` ``fn`` and declare it one of a *family* of mods: closures made by one
+    factory whose generated code depends only on the hashable ``token`` (which must name the
+    factory and every constant the code bakes in) and on the dtype and rank of ``captures``,
+    the tensors ``fn`` reads, in the order it first reads them. The Triton backend then
+    prepares a new member (a new decoding step's mask, say) by a dictionary lookup instead of
+    walking its closure; it checks once, when it first compiles a family, that the compiler
+    found exactly ``captures``. Returns ``fn``."""
+    setattr(fn, _FAMILY_ATTR, (token, tuple(captures)))
+    return freeze(fn)
+
+
 def is_frozen(fn: Any) -> bool:
     """Whether ``fn`` is ``None`` or was marked with :func:`freeze`."""
     return fn is None or getattr(fn, _FROZEN_ATTR, False) is True

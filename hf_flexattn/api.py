@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask as _TorchBlockMask
 
 from ._mod_eval import check_mod_arity
+from .kernels._render import env_reader, interpreter_on
 
 __all__ = ["flex_attention", "resolve_backend", "BACKENDS"]
 
@@ -32,8 +32,7 @@ _KNOWN_OPTIONS = {
 }
 
 
-def _interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_ENV_BACKEND = env_reader("HF_FLEXATTN_BACKEND")
 
 
 def resolve_backend(device: torch.device, kernel_options: dict[str, Any] | None = None) -> str:
@@ -45,14 +44,14 @@ def resolve_backend(device: torch.device, kernel_options: dict[str, Any] | None 
     choice = (kernel_options or {}).get("backend")
     source = 'kernel_options["backend"]'
     if choice is None:
-        choice = os.environ.get("HF_FLEXATTN_BACKEND", "auto") or "auto"
+        choice = _ENV_BACKEND() or "auto"
         source = "HF_FLEXATTN_BACKEND"
     if not isinstance(choice, str) or choice.lower() not in BACKENDS:
         raise ValueError(f"{source} must be one of {BACKENDS}, got {choice!r}.")
     choice = choice.lower()
     if choice == "auto":
         return "triton" if device.type == "cuda" else "torch"
-    if choice == "triton" and device.type != "cuda" and not _interpreter_on():
+    if choice == "triton" and device.type != "cuda" and not interpreter_on():
         raise ValueError(
             f"{source}='triton' needs CUDA tensors (got device {device}); on the CPU use "
             "backend='torch', or set TRITON_INTERPRET=1 to run the Triton kernels in "
@@ -188,6 +187,19 @@ def _validate(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             )
 
 
+_PLAN_FNS: list = []
+
+
+def _backend_fns() -> tuple[Callable, Callable]:
+    """``(run_plan, may_have_plan)`` of the Triton backend, imported once (not on every
+    decoding call)."""
+    if not _PLAN_FNS:
+        from .backends.triton_backend import may_have_plan, run_plan
+
+        _PLAN_FNS.append((run_plan, may_have_plan))
+    return _PLAN_FNS[0]
+
+
 def flex_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -215,10 +227,8 @@ def flex_attention(
     Returns:
         ``out [B, Hq, L, Ev]`` in the input dtype, or ``(out, lse)``.
     """
-    if getattr(block_mask, "_hf_flexattn_plans", None):  # set by the Triton backend only
-        from .backends import triton_backend
-
-        res = triton_backend.run_plan(
+    if block_mask is not None and _backend_fns()[1](block_mask):  # a decode plan may apply
+        res = _backend_fns()[0](
             query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options, return_lse
         )
         if res is not None:  # a repeated decode call, validated when the plan was stored

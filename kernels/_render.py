@@ -30,6 +30,7 @@ __all__ = [
     "load_rendered",
     "render_count",
     "interpreter_on",
+    "env_reader",
     "NoScoreMod",
     "NoMaskMod",
 ]
@@ -40,9 +41,37 @@ _LOCK = threading.Lock()
 _RENDERS: dict[str, int] = {}
 
 
+def env_reader(name: str) -> Callable[[], str | None]:
+    """A fast ``lambda: os.environ.get(name)``: the hot decoding path reads environment
+    switches on every call, and ``os.environ.get`` encodes the name and decodes the value
+    each time. On POSIX this looks the pre-encoded name up in the environment's bytes
+    dictionary, which ``os.environ`` keeps current (``setenv``/``putenv`` go through it)."""
+    data = getattr(os.environ, "_data", None)
+    if os.name != "posix" or not isinstance(data, dict):
+        return lambda: os.environ.get(name)
+    key = os.environ.encodekey(name) if hasattr(os.environ, "encodekey") else name.encode()
+    cache: dict[bytes, str] = {}
+
+    def read() -> str | None:
+        raw = data.get(key)
+        if raw is None:
+            return None
+        val = cache.get(raw)
+        if val is None:
+            val = cache[raw] = os.fsdecode(raw)
+            if len(cache) > 16:
+                cache.clear()
+        return val
+
+    return read
+
+
+_INTERPRET = env_reader("TRITON_INTERPRET")
+
+
 def interpreter_on() -> bool:
     """True when ``TRITON_INTERPRET`` asks for Triton's CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _INTERPRET() not in (None, "", "0")
 
 
 def _debug() -> bool:

@@ -137,7 +137,9 @@ def choose_decode_config(
             "the Triton kernels need the BlockMask's KV block size to be a multiple of 16, "
             f"got {kv_block}; rebuild the mask or use kernel_options={{'backend': 'torch'}}."
         )
-    items = math.ceil(S / kv_block) * (kv_block // bn)  # sub-tiles in the longest list
+    # sub-tiles in the longest list; S enters only through ceil(S / kv_block), which the
+    # backend's config cache relies on
+    items = math.ceil(S / kv_block) * (kv_block // bn)
     if num_splits is None:
         want = math.ceil(4 * _sm_count(device) / max(1, B * Hkv))
         min_items = max(1, 256 // bn)
@@ -406,11 +408,19 @@ def _workspace(
 
 
 def _index_args(num: torch.Tensor, idx: torch.Tensor, B: int, H: int) -> list:
-    """Pointers and (b, h, k) strides of a q-block-0 index pair; broadcast dims stride 0."""
-    n = num.expand(B, H, num.shape[-1])
-    i = idx.expand(B, H, idx.shape[-2], idx.shape[-1])
-    ns, isd = n.stride(), i.stride()
-    return [num, idx, ns[0], ns[1], isd[0], isd[1], isd[3]]
+    """Pointers and (b, h, k) strides of a q-block-0 index pair; broadcast dims stride 0
+    (what ``expand(B, H, ...)`` would give, without making the views)."""
+    ns, isd = num.stride(), idx.stride()
+    nsh, ish = num.shape, idx.shape
+    return [
+        num,
+        idx,
+        0 if nsh[0] == 1 else ns[0],
+        0 if nsh[1] == 1 else ns[1],
+        0 if ish[0] == 1 else isd[0],
+        0 if ish[1] == 1 else isd[1],
+        isd[3],
+    ]
 
 
 class DecodePlan:

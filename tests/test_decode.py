@@ -10,6 +10,7 @@ nothing), the dispatch rule (used only without gradients, for small ``L * GROUP`
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -21,6 +22,7 @@ from hf_flexattn.kernels import flex_decode, flex_fwd  # noqa: E402
 from reference import assert_close_by_ratio, reference_attention  # noqa: E402
 
 from hf_flexattn import mods as M  # noqa: E402
+from hf_flexattn._mod_eval import freeze_family  # noqa: E402
 from hf_flexattn.api import flex_attention  # noqa: E402
 from hf_flexattn.backends import triton_backend as tb  # noqa: E402
 from hf_flexattn.block_mask import create_block_mask, noop_mask  # noqa: E402
@@ -584,6 +586,134 @@ def test_no_plan_for_mods_that_may_change():
     q, k, v = _inputs(1, 2, 2, 1, S, 16, 16, torch.float32)
     flex_attention(q, k, v, None, bm, kernel_options={"backend": "triton"})
     assert not getattr(bm, tb._PLANS_ATTR, None)
+
+
+# ------------------------------------------------------------------ mod families, templates
+def _member(shift: torch.Tensor, pad: torch.Tensor, declared=None):
+    """A member of a test family: causal with offset ``shift`` (0-d) and key padding."""
+
+    def fam_mask(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx + shift) & (pad[b, kv_idx] != 0)
+
+    return freeze_family(fam_mask, ("test.family",), declared or (shift, pad))
+
+
+def _step_mask(S: int, lefts=(0, 37), declared_order=None):
+    """One decoding step's mask: query at S - 1, batch 2, left padding ``lefts``."""
+    shift = torch.tensor(S - 1, device=DEV)
+    pad = torch.ones(2, S, dtype=torch.bool, device=DEV)
+    for b, n in enumerate(lefts):
+        pad[b, :n] = False
+    declared = None if declared_order is None else declared_order(shift, pad)
+    mm = _member(shift, pad, declared)
+    return create_block_mask(mm, 2, None, 1, S, device=DEV, BLOCK_SIZE=(16, 64)), mm
+
+
+def test_family_members_share_one_kernel_with_their_own_captures(calls, monkeypatch):
+    # a new member (other offset, other padding tensor) is prepared by lookup: the same kernel
+    # id, this member's tensors (not the first member's), and results that match fp64
+    slow = []
+    real_slow = tb._prepare_slow
+    monkeypatch.setattr(tb, "_prepare_slow", lambda *a, **k: slow.append(1) or real_slow(*a, **k))
+    monkeypatch.setattr(tb, "_fast_key", lambda *a, **k: None)  # no structural walk either
+    kids = []
+    for S, lefts in ((300, (0, 37)), (301, (5, 0)), (302, (0, 200))):
+        bm, mm = _step_mask(S, lefts)
+        opts = dict(TR, decode=True)
+        prep = tb.prepare((2, 4, 1, 16), (2, 2, S, 16), torch.float32, torch.device(DEV), None,
+                          mm, 16, 64, opts)
+        kids.append(prep.kernel_id)
+        assert prep.mask_captures[1] is mm._hf_flexattn_family[1][1]
+        q, k, v = _inputs(2, 4, 2, 1, S, 16, 16, torch.float32, seed=S)
+        out = flex_attention(q, k, v, None, bm, enable_gqa=True, kernel_options=opts)
+        _ref_check(out, q, k, v, None, bm, f"S={S}")
+    assert len(set(kids)) == 1 and len(slow) == 1
+
+
+def test_family_declaring_other_captures_is_prepared_the_slow_way(caplog, monkeypatch):
+    # captures declared in another order than the compiler finds them: never trusted
+    monkeypatch.setattr(tb, "_warned", set())
+    for S in (300, 301):
+        bm, _ = _step_mask(S, declared_order=lambda shift, pad: (pad, shift))
+        q, k, v = _inputs(2, 4, 2, 1, S, 16, 16, torch.float32, seed=S)
+        opts = dict(TR, decode=True)
+        out = flex_attention(q, k, v, None, bm, enable_gqa=True, kernel_options=opts)
+        _ref_check(out, q, k, v, None, bm, f"S={S}")
+    assert "declares other captured tensors" in caplog.text
+
+
+def test_next_steps_plan_comes_from_the_template(calls, monkeypatch):
+    # decoding: each step a new mask (one key more, new tensors); after the first step the
+    # first call of a step builds its plan from the stored template (no validation, no
+    # preparation), the next calls run that plan; every result matches fp64
+    sm = M.alibi(torch.tensor([0.1, 0.5], device=DEV).repeat_interleave(2))
+    tb._TEMPLATES.clear()
+    made = []
+    real = tb._plan_from_template
+    monkeypatch.setattr(tb, "_plan_from_template", lambda *a: made.append(real(*a)) or made[-1])
+    for step, S in enumerate(range(300, 305)):
+        bm, _ = _step_mask(S, lefts=(step, 40))
+        before = calls["decode"]
+        n_prep = len(made)
+        for layer in range(3):
+            q, k, v = _inputs(2, 4, 2, 1, S, 16, 16, torch.float32, seed=10 * S + layer)
+            with torch.no_grad() if layer else contextlib.nullcontext():  # either mode
+                out = flex_attention(q, k, v, sm, bm, enable_gqa=True, kernel_options=TR)
+            _ref_check(out, q, k, v, sm, bm, f"step {step} layer {layer}")
+        assert calls["decode"] == before + 3
+        if step > 0:
+            assert made[n_prep] is not None, "no plan from the template"
+    assert len(tb._TEMPLATES) == 1
+
+
+def test_template_is_not_used_where_the_call_differs(calls):
+    sm = M.alibi(torch.tensor([0.1, 0.5], device=DEV).repeat_interleave(2))
+    tb._TEMPLATES.clear()
+    bm, _ = _step_mask(300)
+    q, k, v = _inputs(2, 4, 2, 1, 300, 16, 16, torch.float32)
+    flex_attention(q, k, v, sm, bm, enable_gqa=True, kernel_options=TR)
+    assert len(tb._TEMPLATES) == 1
+    # a mask built for other lengths is still refused
+    bm2, _ = _step_mask(301)
+    q2, k2, v2 = _inputs(2, 4, 2, 1, 302, 16, 16, torch.float32)
+    with pytest.raises(ValueError, match="block_mask was built for"):
+        flex_attention(q2, k2, v2, sm, bm2, enable_gqa=True, kernel_options=TR)
+    # GQA still needs enable_gqa; another scale is another call
+    q2, k2, v2 = _inputs(2, 4, 2, 1, 301, 16, 16, torch.float32)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        flex_attention(q2, k2, v2, sm, bm2, kernel_options=TR)
+    out = flex_attention(q2, k2, v2, sm, bm2, scale=0.3, enable_gqa=True, kernel_options=TR)
+    r, _ = reference_attention(q2, k2, v2, sm, bm2.mask_mod, 0.3, True)
+    b, _ = reference_attention(q2, k2, v2, sm, bm2.mask_mod, 0.3, True, compute_dtype=q2.dtype)
+    assert_close_by_ratio(out, r, b, "scale 0.3")
+    # below the split threshold the regular kernel runs, as without a template
+    n_fwd = calls["fwd"]
+    bm3, _ = _step_mask(200)
+    q3, k3, v3 = _inputs(2, 4, 2, 1, 200, 16, 16, torch.float32)
+    out3 = flex_attention(q3, k3, v3, sm, bm3, enable_gqa=True, kernel_options=TR)
+    assert calls["fwd"] == n_fwd + 1
+    _ref_check(out3, q3, k3, v3, sm, bm3, "short")
+
+
+def test_learnable_score_mod_under_autograd_skips_the_stored_plan():
+    # the plan was stored under no_grad; with autograd on, a score capture that requires grad
+    # needs the differentiable kernels even though q, k and v do not
+    S = 300
+    slopes = torch.tensor([0.1, 0.5, 0.2, 0.3], device=DEV, requires_grad=True)
+    sm = M.alibi(slopes)
+    bm = create_block_mask(M.causal(S - 1), None, None, 1, S, device=DEV, BLOCK_SIZE=(16, 64))
+    q, k, v = _inputs(2, 4, 2, 1, S, 16, 16, torch.float32)
+    with torch.no_grad():
+        flex_attention(q, k, v, sm, bm, enable_gqa=True, kernel_options=TR)
+    assert getattr(bm, tb._PLANS_ATTR)
+    out = flex_attention(q, k, v, sm, bm, enable_gqa=True, kernel_options=TR)
+    assert out.requires_grad
+    (g,) = torch.autograd.grad(out.sum(), [slopes])
+    r, _ = reference_attention(q, k, v, sm, bm.mask_mod, None, True)
+    (gr,) = torch.autograd.grad(r.sum(), [slopes])
+    b, _ = reference_attention(q, k, v, sm, bm.mask_mod, None, True, compute_dtype=q.dtype)
+    (gb,) = torch.autograd.grad(b.sum(), [slopes])
+    assert_close_by_ratio(g, gr, gb, "dslopes")
 
 
 @pytest.mark.cuda

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,12 +35,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask as _TorchBlockMask
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .._mod_eval import _FROZEN_ATTR
+from .._mod_eval import _FAMILY_ATTR, _FROZEN_ATTR
 from ..block_mask import _transpose_ordered
 from ..kernels import flex_decode as _flex_decode
 from ..kernels._layout import empty_like_query
+from ..kernels._render import env_reader
 from ..kernels.flex_fwd import next_pow2
 
 __all__ = ["flex_attention_forward", "prepare", "Prepared", "DECODE_MIN_S"]
@@ -133,9 +134,8 @@ def _with_captured(code: Any, tensors: list[Tensor]) -> Any:
     cur = code.captured
     if len(cur) == len(tensors) and all(a is b for a, b in zip(cur, tensors)):
         return code
-    import copy
-
-    new = copy.copy(code)
+    new = object.__new__(type(code))  # a shallow copy, without copy.copy's generic protocol
+    new.__dict__.update(code.__dict__)
     new.captured = list(tensors)
     return new
 
@@ -231,43 +231,86 @@ def prepare(
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    fkey = None
+    fkey = famkey = None
     if _frozen(score_mod) and _frozen(mask_mod):
-        # immutable closures (see `freeze`): no structural walk, keyed on identity
         opts = _options_key(kernel_options) if kernel_options else ()
-        fkey = (id(score_mod), id(mask_mod), dtype, device, q_block, kv_block,
-                q_shape[-1], v_shape[-1], opts)
-        hit = _FROZEN_CACHE.get(fkey)
-        if (
-            hit is not None
-            and hit[1] is score_mod
-            and hit[2] is mask_mod
-            and all(t.requires_grad == g for t, g in zip(hit[0].score_captures, hit[3]))
-        ):
-            return hit[0]
+        fam = getattr(mask_mod, _FAMILY_ATTR, None)
+        if fam is not None:
+            # a member of a declared family (see `freeze_family`): keyed on the family token
+            # and the captures' specs, the captures are the member's own
+            famkey = (id(score_mod), fam[0], _capture_specs(fam[1]), dtype, device, q_block,
+                      kv_block, q_shape[-1], v_shape[-1], opts)
+            hit = _FAMILY_CACHE.get(famkey)
+            if (
+                hit is not None
+                and hit[1] is score_mod
+                and all(t.requires_grad == g for t, g in zip(hit[0].score_captures, hit[2]))
+            ):
+                caps = list(fam[1])
+                _check_devices(None, hit[0].score_captures, None, caps, device)
+                return Prepared(hit[0].kernel_id, hit[0].score_captures, caps)
+        else:
+            # immutable closures (see `freeze`): no structural walk, keyed on identity
+            fkey = (id(score_mod), id(mask_mod), dtype, device, q_block, kv_block,
+                    q_shape[-1], v_shape[-1], opts)
+            hit = _FROZEN_CACHE.get(fkey)
+            if (
+                hit is not None
+                and hit[1] is score_mod
+                and hit[2] is mask_mod
+                and all(t.requires_grad == g for t, g in zip(hit[0].score_captures, hit[3]))
+            ):
+                return hit[0]
     ckey = _fast_key(
         q_shape, v_shape, dtype, device, score_mod, mask_mod, q_block, kv_block, kernel_options
     )
+    prep = None
     if ckey is not None:
         hit = _PREP_CACHE.get(ckey[0])
         if hit is not None:
             caps = _recapture(hit[1], score_mod), _recapture(hit[2], mask_mod)
             if caps[0] is not None and caps[1] is not None:
                 _check_devices(hit[1], caps[0], hit[2], caps[1], device)
-                return Prepared(hit[0], caps[0], caps[1])
-    prep, score_code, mask_code = _prepare_slow(
-        q_shape, v_shape, dtype, device, score_mod, mask_mod, q_block, kv_block, kernel_options
-    )
-    if ckey is not None:
-        if len(_PREP_CACHE) >= _PREP_CACHE_MAX:
-            _PREP_CACHE.pop(next(iter(_PREP_CACHE)))
-        _PREP_CACHE[ckey[0]] = (prep.kernel_id, score_code, mask_code, ckey[1])
+                prep = Prepared(hit[0], caps[0], caps[1])
+    if prep is None:
+        prep, score_code, mask_code = _prepare_slow(
+            q_shape, v_shape, dtype, device, score_mod, mask_mod, q_block, kv_block,
+            kernel_options,
+        )
+        if ckey is not None:
+            if len(_PREP_CACHE) >= _PREP_CACHE_MAX:
+                _PREP_CACHE.pop(next(iter(_PREP_CACHE)))
+            _PREP_CACHE[ckey[0]] = (prep.kernel_id, score_code, mask_code, ckey[1])
+    flags = tuple(t.requires_grad for t in prep.score_captures)
     if fkey is not None:
         if len(_FROZEN_CACHE) >= _PREP_CACHE_MAX:
             _FROZEN_CACHE.pop(next(iter(_FROZEN_CACHE)))
-        flags = tuple(t.requires_grad for t in prep.score_captures)
         _FROZEN_CACHE[fkey] = (prep, score_mod, mask_mod, flags)
+    if famkey is not None:
+        declared = getattr(mask_mod, _FAMILY_ATTR)[1]
+        if len(declared) == len(prep.mask_captures) and all(
+            a is b for a, b in zip(declared, prep.mask_captures)
+        ):
+            if len(_FAMILY_CACHE) >= _PREP_CACHE_MAX:
+                _FAMILY_CACHE.pop(next(iter(_FAMILY_CACHE)))
+            _FAMILY_CACHE[famkey] = (prep, score_mod, flags)
+        else:
+            _warn_once(
+                f"family:{famkey[1]!r}",
+                f"hf_flexattn: mod family {famkey[1]!r} declares other captured tensors than "
+                "the compiler found; its members are prepared the slow way.",
+            )
     return prep
+
+
+def _capture_specs(tensors: tuple) -> tuple:
+    """What a compiled mod is specialised on for each captured tensor."""
+    return tuple((t.dtype, t.dim(), t.requires_grad, _is_large(t)) for t in tensors)
+
+
+# family token + capture specs (+ score mod id, dtype, device, ...) -> (Prepared of the first
+# member, score_mod, requires_grad flags of its captures); see `_mod_eval.freeze_family`
+_FAMILY_CACHE: dict[tuple, tuple] = {}
 
 
 # identity of frozen mods -> (Prepared, score_mod, mask_mod, requires_grad flags); holding the
@@ -345,8 +388,11 @@ def _fast_key(q_shape, v_shape, dtype, device, score_mod, mask_mod, q_block, kv_
 
 def _is_large(t: Tensor) -> bool:
     """An element offset into ``t`` may pass 2**31 (as ``hf_flexattn.compiler`` decides)."""
-    if t.numel() == 0:
+    n = t.numel()
+    if n == 0:
         return False
+    if t.is_contiguous():  # the largest offset is numel - 1
+        return n >= 2**31
     return sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= 2**31 - 1
 
 
@@ -744,8 +790,10 @@ def _decode_config(
     kv_block: int,
     num_splits: int | None,
 ) -> Any:
-    """The split-KV kernel's DecodeConfig for these shapes (cached)."""
-    key = (device, dtype, q_shape, k_shape, Ev, kv_block, num_splits)
+    """The split-KV kernel's DecodeConfig for these shapes (cached; the key length enters
+    only as its number of kv-blocks, so consecutive decoding steps share an entry)."""
+    key = (device, dtype, q_shape, k_shape[0], k_shape[1], k_shape[3],
+           -(-k_shape[2] // kv_block), Ev, kv_block, num_splits)
     cfg = _DECODE_CFGS.get(key)
     if cfg is None:
         B, Hq, L, E = q_shape
@@ -849,8 +897,7 @@ def _decode_impl(
     :class:`~hf_flexattn.kernels.flex_decode.DecodePlan` for later calls of these shapes.
     ``fresh``: allocate the workspace instead of reusing the cached one (the custom op, which
     may run in a CUDA-graph warm-up whose allocations come from the graph's pool)."""
-    from ..kernels import flex_decode
-
+    flex_decode = _flex_decode
     e = _ENTRIES[kernel_id]
     cfg = _decode_config(
         q.device,
@@ -908,7 +955,7 @@ def _direct_call_ok(tensors: tuple[Tensor, ...]) -> bool:
     tensors, no modes or functorch transforms active): saves the custom-op overhead."""
     if torch._C._is_torch_function_mode_enabled():
         return False
-    if _get_current_dispatch_mode() is not None:
+    if _dispatch_stack_len() > 0:  # a TorchDispatchMode is active
         return False
     if _peek_interpreter_stack is None or _peek_interpreter_stack() is not None:
         return False
@@ -919,6 +966,9 @@ def _direct_call_ok(tensors: tuple[Tensor, ...]) -> bool:
 
 
 _peek_interpreter_stack = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+_dispatch_stack_len = getattr(
+    torch._C, "_len_torch_dispatch_stack", lambda: 0 if _get_current_dispatch_mode() is None else 1
+)
 
 
 # ------------------------------------------------------------------------------ decode plans
@@ -928,6 +978,7 @@ _peek_interpreter_stack = getattr(torch._C._functorch, "peek_interpreter_stack",
 # validation, preparation and config choice, which it may: the key covers every input
 # `flex_attention` validates except the tensors' values, and the mods are frozen.
 _PLANS_ATTR = "_hf_flexattn_plans"
+_ENV_BACKEND = env_reader("HF_FLEXATTN_BACKEND")
 _MAX_PLANS = 8
 
 
@@ -963,11 +1014,12 @@ def _plan_key(
         key.device,
         value.device,
         scale,
-        os.environ.get("HF_FLEXATTN_BACKEND"),
+        _ENV_BACKEND(),
     )
 
 
-def _remember_plan(block_mask, query, key, value, score_mod, scale, opts, plan) -> None:
+def _remember_plan(block_mask, query, key, value, score_mod, scale, opts, plan,
+                   score_caps: list, pkey: tuple | None = None) -> None:
     plans = getattr(block_mask, _PLANS_ATTR, None)
     if plans is None:
         plans = {}
@@ -977,7 +1029,118 @@ def _remember_plan(block_mask, query, key, value, score_mod, scale, opts, plan) 
             return
     if len(plans) >= _MAX_PLANS:
         plans.clear()
-    plans[_plan_key(query, key, value, score_mod, float(scale), opts)] = (plan, score_mod)
+    grad_caps = tuple(t for t in score_caps if t.requires_grad)
+    if pkey is None:
+        pkey = _plan_key(query, key, value, score_mod, float(scale), opts)
+    plans[pkey] = (plan, score_mod, grad_caps)
+
+
+# Decode templates. Each decoding step brings a new BlockMask (one key more), so the first
+# layer of a step finds no plan on it. When the mask_mod belongs to a declared family
+# (`_mod_eval.freeze_family`: the Transformers integration's masks), the call that stores a
+# plan also stores a template keyed on everything about the call that stays the same from
+# step to step; the next step's first call builds its plan from the template, checking what
+# may change (the lengths, the mask's tensors and captures) instead of validating and
+# preparing everything again.
+_TEMPLATES: dict[tuple, tuple] = {}
+_MAX_TEMPLATES = 64
+
+
+def _template_key(query, key, value, score_mod, block_mask, scale, opts) -> tuple | None:
+    fam = getattr(block_mask.mask_mod, _FAMILY_ATTR, None)
+    if fam is None:
+        return None
+    kvn = block_mask.kv_num_blocks
+    return (
+        opts,
+        _ENV_BACKEND(),
+        id(score_mod),
+        fam[0],
+        _capture_specs(fam[1]),
+        query.shape,
+        query.stride(),
+        query.dtype,
+        query.device,
+        key.shape[:2],
+        key.shape[3],
+        key.stride(3),
+        key.dtype,
+        key.device,
+        value.shape[:2],
+        value.shape[3],
+        value.stride(3),
+        value.dtype,
+        value.device,
+        scale,
+        block_mask.BLOCK_SIZE,
+        kvn.shape,  # [B, H, 1]: one q-block row
+        kvn.device,
+        block_mask.full_kv_num_blocks is None,
+    )
+
+
+def _remember_template(query, key, value, score_mod, block_mask, scale, opts, kid,
+                       score_caps: list, mask_caps: list) -> None:
+    tkey = _template_key(query, key, value, score_mod, block_mask, float(scale), opts)
+    if tkey is None:
+        return
+    declared = getattr(block_mask.mask_mod, _FAMILY_ATTR)[1]
+    if len(declared) != len(mask_caps) or not all(a is b for a, b in zip(declared, mask_caps)):
+        return
+    if len(_TEMPLATES) >= _MAX_TEMPLATES:
+        _TEMPLATES.pop(next(iter(_TEMPLATES)))
+    _TEMPLATES[tkey] = (kid, score_mod, list(score_caps))
+
+
+def _plan_from_template(query, key, value, score_mod, block_mask, scale, opts, pkey) -> Any:
+    """A DecodePlan for this call from a stored template, or None (then the normal path,
+    which validates everything, runs)."""
+    if not isinstance(block_mask, _TorchBlockMask):
+        return None
+    tkey = _template_key(query, key, value, score_mod, block_mask, scale, opts)
+    hit = None if tkey is None else _TEMPLATES.get(tkey)
+    if hit is None or hit[1] is not score_mod:
+        return None
+    kid, _, score_caps = hit
+    if torch.is_grad_enabled() and any(t.requires_grad for t in score_caps):
+        return None  # a learnable score_mod under autograd: the differentiable kernels
+    L, S = query.shape[2], key.shape[2]
+    kvn, kvi = block_mask.kv_num_blocks, block_mask.kv_indices
+    fkvn, fkvi = block_mask.full_kv_num_blocks, block_mask.full_kv_indices
+    if (
+        value.shape[2] != S
+        or S < DECODE_MIN_S
+        or tuple(block_mask.seq_lengths) != (L, S)
+        or kvi.device != kvn.device
+        or (fkvi is None) != (fkvn is None)
+        or (fkvi is not None and (fkvi.device != kvn.device or fkvn.device != kvn.device))
+    ):
+        return None
+    caps = getattr(block_mask.mask_mod, _FAMILY_ATTR)[1]
+    device = query.device
+    if any(t.device != device for t in caps):
+        return None
+    e = _ENTRIES[kid]
+    kv_block = _block_size(block_mask)[1]
+    cfg = _decode_config(
+        device, query.dtype, tuple(query.shape), tuple(key.shape), value.shape[-1], kv_block,
+        None,
+    )
+    plan = _flex_decode.plan_decode(
+        query, key, value, kvn, kvi, fkvn, fkvi, _with_captured(e.score_code, score_caps),
+        _with_captured(e.mask_code, list(caps)), scale, kv_block, cfg,
+        e.decode_kernel(query.dtype),
+    )
+    _remember_plan(block_mask, query, key, value, score_mod, scale, opts, plan, score_caps, pkey)
+    return plan
+
+
+def may_have_plan(block_mask: Any) -> bool:
+    """Whether :func:`run_plan` may find or make a plan for ``block_mask`` (cheap)."""
+    return bool(getattr(block_mask, _PLANS_ATTR, None)) or (
+        bool(_TEMPLATES)
+        and getattr(getattr(block_mask, "mask_mod", None), _FAMILY_ATTR, None) is not None
+    )
 
 
 def run_plan(
@@ -991,10 +1154,11 @@ def run_plan(
     kernel_options: Any = None,
     return_lse: bool = True,
 ) -> tuple[Tensor, Tensor | None] | None:
-    """``(out, lse)`` from a stored decode plan for exactly these inputs, or ``None``
-    (then the caller takes the normal path); ``lse`` is None unless ``return_lse``."""
+    """``(out, lse)`` from a stored decode plan for exactly these inputs (or one made from a
+    template: see ``_TEMPLATES``), or ``None`` (then the caller takes the normal path);
+    ``lse`` is None unless ``return_lse``."""
     plans = getattr(block_mask, _PLANS_ATTR, None)
-    if not plans:
+    if not plans and not _TEMPLATES:
         return None
     opts = _plan_options(kernel_options)
     if opts is _NO_PLAN:
@@ -1003,9 +1167,6 @@ def run_plan(
         scale = 1.0 / math.sqrt(query.shape[-1])
     elif type(scale) is not float:
         return None
-    hit = plans.get(_plan_key(query, key, value, score_mod, scale, opts))
-    if hit is None or hit[1] is not score_mod:
-        return None
     if (query.shape[1] != key.shape[1] and not enable_gqa) or (
         torch.is_grad_enabled()
         and (query.requires_grad or key.requires_grad or value.requires_grad)
@@ -1013,6 +1174,15 @@ def run_plan(
         return None
     if torch.compiler.is_compiling() or not _direct_call_ok((query, key, value)):
         return None
+    pkey = _plan_key(query, key, value, score_mod, scale, opts)
+    hit = plans.get(pkey) if plans else None
+    if hit is None:
+        plan = _plan_from_template(query, key, value, score_mod, block_mask, scale, opts, pkey)
+        return None if plan is None else plan(query, key, value, return_lse)
+    if hit[1] is not score_mod:
+        return None
+    if hit[2] and torch.is_grad_enabled() and any(t.requires_grad for t in hit[2]):
+        return None  # a learnable score_mod under autograd: the differentiable kernels
     return hit[0](query, key, value, return_lse)
 
 
@@ -1106,8 +1276,14 @@ def flex_attention_forward(
                 res = _decode_impl(*args, plan_out=plans)
                 if plans:
                     _remember_plan(
-                        block_mask, query, key, value, score_mod, scale, opts, plans[0]
+                        block_mask, query, key, value, score_mod, scale, opts, plans[0],
+                        score_caps,
                     )
+                    if splits is None:
+                        _remember_template(
+                            query, key, value, score_mod, block_mask, scale, opts, kid,
+                            score_caps, mask_caps,
+                        )
                 return res
             return _decode_impl(*args)
         return flex_decode_op(*args)

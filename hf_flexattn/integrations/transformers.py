@@ -35,8 +35,17 @@ from typing import Any
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask as _TorchBlockMask
+from transformers import masking_utils as mu
 
-from hf_flexattn._mod_eval import freeze
+from hf_flexattn._mod_eval import freeze, freeze_family
+from hf_flexattn.api import flex_attention as _flex_attention
+from hf_flexattn.backends import triton_backend as _tb
+from hf_flexattn.block_mask import (
+    BlockMask,
+    _block_mask_from_block_tables,
+    _dense_to_ordered,
+    create_block_mask,
+)
 
 __all__ = [
     "BLOCK_SIZE",
@@ -55,6 +64,7 @@ logger = logging.getLogger(__name__)
 BLOCK_SIZE: int = 128
 
 _REGISTERED: set[str] = set()
+_may_have_plan = _tb.may_have_plan
 _CACHE_SIZE = 16
 _mask_cache: OrderedDict[tuple, tuple[Any, list]] = OrderedDict()
 
@@ -106,8 +116,6 @@ def is_registered(name: str) -> bool:
 # helpers
 # --------------------------------------------------------------------------------------------
 def _block_mask_cls() -> type:
-    from hf_flexattn.block_mask import BlockMask
-
     return BlockMask
 
 
@@ -119,10 +127,11 @@ def _is_block_mask(x: Any) -> bool:
 class MaskInfo:
     """What :func:`flex_mask` knew when it built a mask (attached to the BlockMask).
 
-    ``padding`` is the 2-D key-padding mask over absolute key positions (bool ``[B, >= kv_offset
-    + kv_length]``) or ``None``; ``plain`` is true when the mask is a bare causal/sliding mask
-    built without padding, cache offsets or packing, so the attention function may still add
-    packed-document structure from ``position_ids``.
+    ``padding`` is the 2-D key-padding mask over absolute key positions (``[B, >= kv_offset +
+    kv_length]``, nonzero = keep: bool, or Transformers' integer mask as given) or ``None``;
+    ``plain`` is true when the mask is a bare causal/sliding mask built without padding, cache
+    offsets or packing, so the attention function may still add packed-document structure
+    from ``position_ids``.
     """
 
     q_offset: int | torch.Tensor
@@ -141,7 +150,7 @@ class MaskInfo:
         if self.padding is None:
             return None
         if self._kv_positions is None:
-            m = self.padding.to(torch.long)
+            m = (self.padding != 0).to(torch.long)
             pos = (m.cumsum(-1) - 1) * m
             self._kv_positions = pos[:, self.kv_offset : self.kv_offset + self.kv_length]
         return self._kv_positions
@@ -251,8 +260,6 @@ def _analyse(mask_function: Callable) -> tuple[_Structure, torch.Tensor | None] 
 
     Returns ``None`` when the function is not (only) built from factories we know.
     """
-    from transformers import masking_utils as mu
-
     atoms: list[Callable] = []
     if not _flatten_and(mask_function, atoms):
         return None
@@ -339,8 +346,6 @@ def _to_block_mask(
     Under ``torch.no_grad()`` (generation) the q-side lists, which only the backward reads,
     are left out; the Triton backend derives them if a backward ever needs them.
     """
-    from hf_flexattn.block_mask import BlockMask, _block_mask_from_block_tables, _dense_to_ordered
-
     partial = any_ & ~all_
     full = all_
     if torch.is_grad_enabled():
@@ -462,11 +467,10 @@ def _build_one_q_tile(
 ) -> Any:
     """:func:`_build_structured` for one q-tile of a causal (windowed) mask without documents
     and without autograd (decoding with a dynamic cache): the tile ranges come from Python
-    integer arithmetic and the index tensors are views of :func:`_index_buffer`, so the only
-    device work is padding ``pad`` to whole tiles. The BlockMask has batch 1 (padding is left
-    to the same mask_mod the general path attaches) and no q-side lists."""
-    from hf_flexattn.block_mask import BlockMask
-
+    integer arithmetic and the index tensors are views of :func:`_index_buffer` (and the offset
+    one of :func:`_offset_tensor`'s bank), so a decoding step launches no kernel at all. The
+    BlockMask has batch 1 (padding is left to the same mask_mod the general path attaches) and
+    no q-side lists."""
     n = -(-kv_length // block)
     ps, pc, fs, fc = _one_q_tile_ranges(
         q_length, kv_length, q_offset, kv_offset, st.window, block, pad is not None
@@ -482,8 +486,10 @@ def _build_one_q_tile(
             buf.as_strided((1, 1, 1, n), (n, n, n, 1), fs),
         )
         _bounded_put(_INDEX_VIEWS, key, views, 256)
-    pad_t = None if pad is None else torch.nn.functional.pad(pad, (0, n * block - kv_length))
-    mask_mod = _structured_mask_mod(st, q_offset, kv_offset, pad_t, device)
+    # pad covers the kv_length keys; the kernels never read a captured tensor past its end
+    # and the torch backend never evaluates keys past kv_length, so no copy padded to whole
+    # tiles is needed (that would be one more kernel per decoding step)
+    mask_mod = _structured_mask_mod(st, q_offset, kv_offset, pad, device)
     return BlockMask(
         seq_lengths=(q_length, kv_length),
         kv_num_blocks=views[0],
@@ -500,6 +506,8 @@ def _build_one_q_tile(
 
 
 _OFFSETS: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_OFFSET_BANKS: dict[torch.device, torch.Tensor] = {}
+_BANK_MIN = 1 << 16
 
 
 def _offset_tensor(value: int, device: torch.device) -> torch.Tensor:
@@ -507,13 +515,24 @@ def _offset_tensor(value: int, device: torch.device) -> torch.Tensor:
 
     Offsets enter mask_mods as captured tensors, not Python numbers: the Triton compiler bakes
     Python numbers into the kernel, so an int offset that changes every decoding step would
-    compile a new kernel per step.
+    compile a new kernel per step. Non-negative values are 0-d views of one cached
+    ``arange`` per device (grown by doubling), so a new decoding step's offset costs no
+    kernel launch and no host-to-device copy; the views are shared, never write into them.
     """
-    key = (str(device), int(value))
+    key = (device, int(value))
     t = _OFFSETS.get(key)
     if t is None:
-        # a fill kernel, not a host-to-device copy (which would wait for the GPU)
-        t = torch.full((), int(value), dtype=torch.long, device=device)
+        value = int(value)
+        if 0 <= value < 2**21:  # banks up to 16 MiB
+            bank = _OFFSET_BANKS.get(device)
+            if bank is None or bank.numel() <= value:
+                n = max(_BANK_MIN, 1 << value.bit_length())
+                bank = torch.arange(n, dtype=torch.long, device=device)
+                _OFFSET_BANKS[device] = bank
+            t = bank.as_strided((), (), value)
+        else:
+            # a fill kernel, not a host-to-device copy (which would wait for the GPU)
+            t = torch.full((), value, dtype=torch.long, device=device)
         _bounded_put(_OFFSETS, key, t, 4096)
     return t
 
@@ -525,7 +544,11 @@ def _structured_mask_mod(
     """Exact element-wise mask for partial tiles (indices are local, offsets added here).
 
     Only ``q - kv`` matters for causal and window terms, so both offsets fold into one
-    captured 0-d tensor ``shift = q_offset - kv_offset``.
+    captured 0-d tensor ``shift = q_offset - kv_offset``. ``pad`` ``[B, >= kv_length]`` over
+    local keys keeps the nonzero entries (bool, or Transformers' integer mask as it comes).
+    Every mask of one ``(causal, window, docs?, pad?)`` shape is one mod family
+    (``_mod_eval.freeze_family``): a new decoding step's mask reuses the compiled kernel
+    without a walk over its closure.
     """
     causal, window, docs = st.causal, st.window, st.docs
     if isinstance(q_offset, torch.Tensor):
@@ -542,10 +565,12 @@ def _structured_mask_mod(
         if docs is not None:
             ok = ok & (docs[b, q_idx] == docs[b, kv_idx])
         if pad is not None:
-            ok = ok & pad[b, kv_idx]
+            ok = ok & (pad[b, kv_idx] != 0)
         return ok
 
-    return freeze(flex_structured_mask)  # built here, never rebound: keyed by identity
+    token = ("hf_flexattn.structured", causal, window, docs is not None, pad is not None)
+    captures = tuple(t for t in (shift, docs, pad) if t is not None)
+    return freeze_family(flex_structured_mask, token, captures)
 
 
 def _build_structured(
@@ -626,8 +651,6 @@ def _build_generic(
     device: torch.device,
     block: int,
 ) -> Any:
-    from hf_flexattn.block_mask import create_block_mask
-
     if not isinstance(q_offset, torch.Tensor):  # runtime values, not kernel constants
         q_offset = _offset_tensor(int(q_offset), device)
     kv_off = _offset_tensor(int(kv_offset), device)
@@ -641,6 +664,71 @@ def _build_generic(
     return create_block_mask(
         flex_generic_mask, B, None, q_length, kv_length, device=device, BLOCK_SIZE=block
     )
+
+
+_ANALYSED: dict[int, tuple] = {}
+
+
+def _analyse_cached(fn: Callable) -> tuple[_Structure, torch.Tensor | None] | None:
+    """:func:`_analyse`, remembered for plain functions without a closure (Transformers'
+    ``causal_mask_function``, which every decoding step passes); a fresh structure each time,
+    since callers may change it."""
+    if getattr(fn, "__closure__", True) is not None:
+        return _analyse(fn)
+    hit = _ANALYSED.get(id(fn))
+    if hit is None or hit[0] is not fn:
+        hit = (fn, _analyse(fn))
+        _bounded_put_dict(_ANALYSED, id(fn), hit, 64)
+    res = hit[1]
+    if res is None:
+        return None
+    st = res[0]
+    return _Structure(causal=st.causal, window=st.window, docs=st.docs), res[1]
+
+
+def _bounded_put_dict(cache: dict, key: Any, value: Any, size: int) -> None:
+    if len(cache) >= size:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+
+
+def _one_q_tile_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int,
+    kv_offset: int,
+    mask_function: Callable,
+    attention_mask: torch.Tensor | None,
+    device: torch.device,
+    block: int,
+) -> Any:
+    """A decoding step's mask (one q tile, int offsets, no autograd) for a causal, possibly
+    windowed, ``mask_function`` without packed documents, with no device work and no cache
+    (each step has new lengths); ``None`` where the general path of :func:`flex_mask` is
+    needed (other structures, a padding mask to convert or pad)."""
+    parsed = _analyse_cached(mask_function)
+    if parsed is None or parsed[1] is not None:
+        return None
+    st = parsed[0]
+    if st.docs is not None or not st.causal:
+        return None
+    pad = None
+    if attention_mask is not None:
+        if (
+            attention_mask.device != device
+            or attention_mask.shape[-1] < kv_offset + kv_length
+            or (attention_mask.dtype != torch.bool and attention_mask.dtype.is_floating_point)
+        ):
+            return None
+        pad = attention_mask[:, kv_offset : kv_offset + kv_length]
+        if pad.shape[0] != batch_size:
+            pad = pad.expand(batch_size, -1)
+    bm = _build_one_q_tile(st, pad, q_length, kv_length, q_offset, kv_offset, device, block)
+    plain = attention_mask is None and q_offset == 0 and kv_offset == 0 and q_length == kv_length
+    info = MaskInfo(q_offset, kv_offset, kv_length, attention_mask, plain)
+    _attach(bm, info)
+    return bm
 
 
 # --------------------------------------------------------------------------------------------
@@ -675,8 +763,6 @@ def flex_mask(
         A BlockMask for ``(q_length, kv_length)`` with ``B = batch_size`` (or 1 when nothing
         depends on the batch) and ``H = 1``. Never ``None``: flex needs the mask.
     """
-    from transformers import masking_utils as mu
-
     if mask_function is None:
         mask_function = mu.causal_mask_function
     if not callable(mask_function):
@@ -701,6 +787,18 @@ def flex_mask(
     if isinstance(q_offset, torch.Tensor):
         q_offset = q_offset.to(device=device, dtype=torch.long).reshape(())
     block = int(BLOCK_SIZE)
+    if (
+        _ONE_Q_TILE_FAST_PATH
+        and q_length <= block
+        and type(q_offset) is int
+        and not torch.is_grad_enabled()
+    ):
+        bm = _one_q_tile_mask(
+            batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+            device, block,
+        )
+        if bm is not None:
+            return bm
 
     key = (
         "mask",
@@ -722,10 +820,19 @@ def flex_mask(
     full_pad = None
     pad = None
     if attention_mask is not None:
-        full_pad = attention_mask.to(device=device, dtype=torch.bool)
         need = kv_offset + kv_length
-        if full_pad.shape[-1] < need:
-            full_pad = torch.nn.functional.pad(full_pad, (0, need - full_pad.shape[-1]))
+        if (
+            attention_mask.device == device
+            and attention_mask.shape[-1] >= need
+            and (attention_mask.dtype == torch.bool or not attention_mask.dtype.is_floating_point)
+        ):
+            # taken as it is (the mask_mod keeps nonzero entries): no conversion kernel, which
+            # matters once per decoding step
+            full_pad = attention_mask
+        else:
+            full_pad = attention_mask.to(device=device, dtype=torch.bool)
+            if full_pad.shape[-1] < need:
+                full_pad = torch.nn.functional.pad(full_pad, (0, need - full_pad.shape[-1]))
         pad = full_pad[:, kv_offset : kv_offset + kv_length]
         if pad.shape[0] != batch_size:
             pad = pad.expand(batch_size, -1)
@@ -896,12 +1003,10 @@ def run_flex(
     ``out * exp(lse - logaddexp(lse, s_aux[h]))``, differentiable in ``s_aux``.
     Returns ``[B, Hq, Lq, Dv]``.
     """
-    from hf_flexattn.api import flex_attention
-
     gqa = query.shape[1] != key.shape[1]
     score_mod = _compose(score_mods)
     if s_aux is None:
-        return flex_attention(
+        return _flex_attention(
             query,
             key,
             value,
@@ -917,7 +1022,7 @@ def run_flex(
         raise ValueError(
             f"s_aux must be a tensor with one sink logit per query head ({Hq}), got {got}."
         )
-    out, lse = flex_attention(
+    out, lse = _flex_attention(
         query,
         key,
         value,
@@ -1050,6 +1155,20 @@ def flex_attention_forward(
         ``(out [B, Lq, Hq, Dv] contiguous, None)``.
     """
     training = module is None or bool(getattr(module, "training", False))
+    if (
+        s_aux is None
+        and _may_have_plan(attention_mask)
+        and query.shape[2] != key.shape[2]
+        and "kernel_options" not in kwargs
+        and not (dropout and training)
+    ):
+        # a decoding step: a plan stored on this mask by an earlier layer's call, or made
+        # from the template of the last step's (see triton_backend.run_plan). With a cache
+        # (Lq != Lk) the mask is used as given: no packing, no mask of our own
+        sm = None if softcap is None else _softcap_mod(float(softcap))
+        res = _tb.run_plan(query, key, value, sm, attention_mask, scaling, True, None, False)
+        if res is not None:
+            return res[0].transpose(1, 2).contiguous(), None
     if dropout and dropout > 0 and training:
         raise ValueError(
             f"attention dropout is not supported by the 'flex' attention implementation (got "

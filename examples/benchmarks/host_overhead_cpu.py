@@ -1,0 +1,151 @@
+"""Host (Python) time of greedy generation, ours against sdpa, on a CPU with the kernels stubbed.
+
+Token-by-token generation of a small model is bound by host time: the GPU finishes each
+kernel before the host has launched the next. This script measures that host time without a
+GPU. It runs ``generate`` on a tiny Llama-style model (8 layers, 16 query / 8 kv heads) with
+``attn_implementation="flex"`` (our Triton backend, kernel launches replaced by no-ops) and
+``"sdpa"`` (``scaled_dot_product_attention`` replaced by an allocation of its output), so
+everything else the two runs do is the same work. It prints the time per decoding step and,
+inside that, the time of the mask function and of the attention calls.
+
+    python examples/benchmarks/host_overhead_cpu.py [--rounds 7] [--new 64] [--prompt 300]
+
+Numbers are host times on this machine; the ratio between the two is what carries over to a
+GPU host (a real launch adds a few microseconds to both). The model's other layers run
+between attention calls, as in real decoding, so Python's caches are as cold as they are
+there; a loop over one attention call alone reads lower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import time
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["HF_FLEXATTN_BACKEND"] = "triton"
+
+import torch  # noqa: E402
+import transformers.integrations.sdpa_attention as sdpa_mod  # noqa: E402
+from hf_flexattn.kernels import _launch  # noqa: E402
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
+
+import hf_flexattn  # noqa: E402,F401
+
+
+def _stub_kernels() -> None:
+    _launch.Launcher._triton = lambda self, grid, args, cx: None
+
+    class _F:
+        def __getattr__(self, name):
+            return getattr(torch.nn.functional, name)
+
+        @staticmethod
+        def scaled_dot_product_attention(q, k, v, *args, **kwargs):
+            return torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+
+    class _NN:
+        functional = _F()
+
+        def __getattr__(self, name):
+            return getattr(torch.nn, name)
+
+    class _Torch:
+        nn = _NN()
+
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+    sdpa_mod.torch = _Torch()
+
+
+_ACC: dict[str, float] = {}
+_CALLS: list[tuple[int, int, float]] = []
+
+
+def _timed(mapping: dict, name: str, label: str, per_call: bool) -> None:
+    fn = mapping[name]
+
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        out = fn(*args, **kwargs)
+        dt = time.perf_counter() - t
+        _ACC[label] = _ACC.get(label, 0.0) + dt
+        if per_call:
+            q = args[1]
+            _CALLS.append((getattr(args[0], "layer_idx", -1), q.shape[2], dt))
+        return out
+
+    mapping[name] = wrapper
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--new", type=int, default=64, help="new tokens per generate call")
+    p.add_argument("--prompt", type=int, default=300, help="prompt length (>= 256: decode kernel)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--impls", default="flex,sdpa")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    _stub_kernels()
+    impls = args.impls.split(",")
+    for name in impls:
+        _timed(AttentionInterface._global_mapping, name, "attention", True)
+        _timed(AttentionMaskInterface._global_mapping, name, "mask", False)
+    cfg = AutoConfig.for_model(
+        "llama", vocab_size=32, hidden_size=32, intermediate_size=32, num_hidden_layers=8,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=8, max_position_embeddings=4096,
+    )
+    torch.manual_seed(0)
+    models = {
+        i: AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=i).eval()
+        for i in impls
+    }
+    B, N = args.batch, args.new
+    ids = torch.randint(1, 32, (B, args.prompt))
+    am = torch.ones(B, args.prompt, dtype=torch.long)
+    kw = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=0)
+    steps = {i: [] for i in impls}
+    parts = {i: {"mask": [], "attention": []} for i in impls}
+    layers = {i: {} for i in impls}
+    with torch.no_grad():
+        for m in models.values():
+            m.generate(ids, attention_mask=am, **kw)
+        for _ in range(args.rounds):
+            for i, m in models.items():  # interleaved
+                # the prompt alone, then the whole call: the difference is the decoding steps
+                _ACC.clear()
+                t = time.perf_counter()
+                m.generate(ids, attention_mask=am, **dict(kw, max_new_tokens=1, min_new_tokens=1))
+                pre, pre_acc = time.perf_counter() - t, dict(_ACC)
+                _ACC.clear()
+                _CALLS.clear()
+                t = time.perf_counter()
+                m.generate(ids, attention_mask=am, **kw)
+                total = time.perf_counter() - t
+                steps[i].append((total - pre) / (N - 1))
+                for k in ("mask", "attention"):
+                    parts[i][k].append((_ACC.get(k, 0.0) - pre_acc.get(k, 0.0)) / (N - 1))
+                for layer, lq, dt in _CALLS:
+                    if lq == 1:
+                        layers[i].setdefault(layer, []).append(dt)
+    us = 1e6
+    print(f"host time per decoding step (median of {args.rounds} rounds, batch {B}, "
+          f"{args.prompt}-token prompt, {N} new tokens, torch {torch.__version__})")
+    print(f"{'impl':6s} {'step us':>9s} {'mask us':>9s} {'attention us':>13s} "
+          f"{'layer 0 us':>11s} {'layers 1+ us':>13s}")
+    for i in impls:
+        l0 = statistics.median(layers[i].get(0, [0.0]))
+        rest = [t for layer, ts in layers[i].items() if layer > 0 for t in ts]
+        print(f"{i:6s} {statistics.median(steps[i]) * us:9.0f} "
+              f"{statistics.median(parts[i]['mask']) * us:9.1f} "
+              f"{statistics.median(parts[i]['attention']) * us:13.1f} {l0 * us:11.1f} "
+              f"{(statistics.median(rest) if rest else 0.0) * us:13.1f}")
+
+
+if __name__ == "__main__":
+    main()
