@@ -1136,7 +1136,10 @@ def _plan_from_template(query, key, value, score_mod, block_mask, scale, opts, p
 
 
 def may_have_plan(block_mask: Any) -> bool:
-    """Whether :func:`run_plan` may find or make a plan for ``block_mask`` (cheap)."""
+    """Whether :func:`run_plan` may find or make a plan for ``block_mask`` (cheap). Never
+    under torch.compile, which then traces none of the caches (no guards on them)."""
+    if torch.compiler.is_compiling():
+        return False
     return bool(getattr(block_mask, _PLANS_ATTR, None)) or (
         bool(_TEMPLATES)
         and getattr(getattr(block_mask, "mask_mod", None), _FAMILY_ATTR, None) is not None
@@ -1157,6 +1160,8 @@ def run_plan(
     """``(out, lse)`` from a stored decode plan for exactly these inputs (or one made from a
     template: see ``_TEMPLATES``), or ``None`` (then the caller takes the normal path);
     ``lse`` is None unless ``return_lse``."""
+    if torch.compiler.is_compiling():
+        return None
     plans = getattr(block_mask, _PLANS_ATTR, None)
     if not plans and not _TEMPLATES:
         return None
@@ -1172,7 +1177,7 @@ def run_plan(
         and (query.requires_grad or key.requires_grad or value.requires_grad)
     ):
         return None
-    if torch.compiler.is_compiling() or not _direct_call_ok((query, key, value)):
+    if not _direct_call_ok((query, key, value)):
         return None
     pkey = _plan_key(query, key, value, score_mod, scale, opts)
     hit = plans.get(pkey) if plans else None
