@@ -525,6 +525,32 @@ def test_one_q_tile_fast_path_launches_almost_nothing():
     assert bm.kv_num_blocks.shape[0] == 2
 
 
+def test_masks_built_during_graph_capture_are_not_cached(monkeypatch):
+    """Memory allocated while a CUDA graph is captured belongs to the graph's pool: masks,
+    offset scalars and index buffers made then must not enter the caches that later calls
+    reuse (here the capture state is simulated; the values still match)."""
+    fn = mu.causal_mask_function
+    integ.clear_cache()
+    for cache in (integ._OFFSETS, integ._INDEX_BUFFERS, integ._INDEX_VIEWS):
+        cache.clear()
+    monkeypatch.setattr(integ, "_capturing", lambda device: True)
+    n = 3 * integ.BLOCK_SIZE + 5
+    am = _padding(2, n, [0, 4])
+    with torch.no_grad():
+        fast = integ.flex_mask(2, 1, n, n - 1, 0, fn, attention_mask=am)  # one q tile
+        general = integ.flex_mask(2, 7, n, n - 7, 0, fn, attention_mask=am[:, :n])
+        other = integ.flex_mask(2, 30, 30, 0, 0, fn)  # the general path, cacheable otherwise
+    assert not integ._mask_cache and not integ._OFFSETS
+    assert not integ._INDEX_BUFFERS and not integ._INDEX_VIEWS
+    monkeypatch.setattr(integ, "_capturing", lambda device: False)
+    with torch.no_grad():
+        for bm, (lq, off) in ((fast, (1, n - 1)), (general, (7, n - 7))):
+            want = integ.flex_mask(2, lq, n, off, 0, fn, attention_mask=am)
+            assert torch.equal(_dense_tiles(bm, 2, lq, n), _dense_tiles(want, 2, lq, n))
+        want = integ.flex_mask(2, 30, 30, 0, 0, fn)
+        assert torch.equal(_dense_tiles(other, 2, 30, 30), _dense_tiles(want, 2, 30, 30))
+
+
 def test_mask_under_inference_mode():
     """Inference tensors have no version counter: such masks are built, just not cached."""
     fn = mu.causal_mask_function

@@ -197,7 +197,10 @@ def _cache_get(key: tuple) -> Any:
 
 
 def _cache_put(key: tuple, value: Any, refs: list) -> None:
-    # `refs` keeps the keyed tensors alive so that their ids cannot be reused while cached
+    # `refs` keeps the keyed tensors alive so that their ids cannot be reused while cached;
+    # masks built while a CUDA graph is captured live in its pool: not cached
+    if _capturing(value.kv_num_blocks.device):
+        return
     _bounded_put(_mask_cache, key, (value, refs), _CACHE_SIZE)
 
 
@@ -397,8 +400,16 @@ def _index_buffer(n: int, device: torch.device) -> torch.Tensor:
     if buf is None:
         buf = torch.arange(2 * n + 1, dtype=torch.int32, device=device)
         buf[n:] -= n
-        _bounded_put(_INDEX_BUFFERS, key, buf, 64)
+        if not _capturing(device):
+            _bounded_put(_INDEX_BUFFERS, key, buf, 64)
     return buf
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream: memory
+    allocated then belongs to the graph's pool, so it must not enter a cache that calls
+    outside the graph reuse."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _one_q_tile_ranges(
@@ -477,7 +488,7 @@ def _build_one_q_tile(
     )
     key = (device, n, ps, pc, fs, fc)
     views = _INDEX_VIEWS.get(key)
-    if views is None:
+    if views is None or _capturing(device):
         buf = _index_buffer(n, device)
         views = (
             buf.as_strided((1, 1, 1), (1, 1, 1), n + pc),
@@ -485,7 +496,8 @@ def _build_one_q_tile(
             buf.as_strided((1, 1, 1), (1, 1, 1), n + fc),
             buf.as_strided((1, 1, 1, n), (n, n, n, 1), fs),
         )
-        _bounded_put(_INDEX_VIEWS, key, views, 256)
+        if not _capturing(device):
+            _bounded_put(_INDEX_VIEWS, key, views, 256)
     # pad covers the kv_length keys; the kernels never read a captured tensor past its end
     # and the torch backend never evaluates keys past kv_length, so no copy padded to whole
     # tiles is needed (that would be one more kernel per decoding step)
@@ -523,6 +535,8 @@ def _offset_tensor(value: int, device: torch.device) -> torch.Tensor:
     t = _OFFSETS.get(key)
     if t is None:
         value = int(value)
+        if _capturing(device):  # graph-pool memory: used by this graph only, never cached
+            return torch.full((), value, dtype=torch.long, device=device)
         if 0 <= value < 2**21:  # banks up to 16 MiB
             bank = _OFFSET_BANKS.get(device)
             if bank is None or bank.numel() <= value:
