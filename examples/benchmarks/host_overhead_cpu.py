@@ -9,6 +9,8 @@ everything else the two runs do is the same work. It prints the time per decodin
 inside that, the time of the mask function and of the attention calls.
 
     python examples/benchmarks/host_overhead_cpu.py [--rounds 7] [--new 64] [--prompt 300]
+        [--json runs.json --label NAME]      # keep the medians
+    python examples/benchmarks/host_overhead_cpu.py --plot runs.json --png out.png
 
 Numbers are host times on this machine; the ratio between the two is what carries over to a
 GPU host (a real launch adds a few microseconds to both). The model's other layers run
@@ -20,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
 import time
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["HF_FLEXATTN_BACKEND"] = "triton"
@@ -89,7 +93,14 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=300, help="prompt length (>= 256: decode kernel)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--impls", default="flex,sdpa")
+    p.add_argument("--json", help="append this run's medians (with --label) to a JSON file")
+    p.add_argument("--label", default="", help="name of this run in --json")
+    p.add_argument("--plot", nargs="+", metavar="JSON", help="draw saved runs (no timing)")
+    p.add_argument("--png", default="host_overhead_cpu.png", help="where --plot draws")
     args = p.parse_args()
+    if args.plot:
+        _plot(args.plot, args.png)
+        return
     torch.set_num_threads(1)
     _stub_kernels()
     impls = args.impls.split(",")
@@ -134,17 +145,63 @@ def main() -> None:
                     if lq == 1:
                         layers[i].setdefault(layer, []).append(dt)
     us = 1e6
+    rows = {}
+    for i in impls:
+        rest = [t for layer, ts in layers[i].items() if layer > 0 for t in ts]
+        rows[i] = {
+            "step_us": statistics.median(steps[i]) * us,
+            "mask_us": statistics.median(parts[i]["mask"]) * us,
+            "attention_us": statistics.median(parts[i]["attention"]) * us,
+            "layer0_us": statistics.median(layers[i].get(0, [0.0])) * us,
+            "layers1_us": (statistics.median(rest) if rest else 0.0) * us,
+        }
+    if args.json:
+        runs = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else []
+        runs.append({"label": args.label, "rounds": args.rounds, "batch": B,
+                     "prompt": args.prompt, "new": N, "torch": torch.__version__, "rows": rows})
+        Path(args.json).write_text(json.dumps(runs, indent=1))
     print(f"host time per decoding step (median of {args.rounds} rounds, batch {B}, "
           f"{args.prompt}-token prompt, {N} new tokens, torch {torch.__version__})")
     print(f"{'impl':6s} {'step us':>9s} {'mask us':>9s} {'attention us':>13s} "
           f"{'layer 0 us':>11s} {'layers 1+ us':>13s}")
-    for i in impls:
-        l0 = statistics.median(layers[i].get(0, [0.0]))
-        rest = [t for layer, ts in layers[i].items() if layer > 0 for t in ts]
-        print(f"{i:6s} {statistics.median(steps[i]) * us:9.0f} "
-              f"{statistics.median(parts[i]['mask']) * us:9.1f} "
-              f"{statistics.median(parts[i]['attention']) * us:13.1f} {l0 * us:11.1f} "
-              f"{(statistics.median(rest) if rest else 0.0) * us:13.1f}")
+    for i, r in rows.items():
+        print(f"{i:6s} {r['step_us']:9.0f} {r['mask_us']:9.1f} {r['attention_us']:13.1f} "
+              f"{r['layer0_us']:11.1f} {r['layers1_us']:13.1f}")
+
+
+def _plot(files: list[str], png: str) -> None:
+    """Stacked bars per run and implementation: mask, attention, everything else."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for f in files for r in json.loads(Path(f).read_text())]
+    names, mask, attn, other = [], [], [], []
+    for run in runs:
+        for impl, r in run["rows"].items():
+            names.append(f"{run['label']}\n{impl}" if run["label"] else impl)
+            mask.append(r["mask_us"])
+            attn.append(r["attention_us"])
+            other.append(r["step_us"] - r["mask_us"] - r["attention_us"])
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(2.6 * len(names) + 2, 4))
+    x = list(range(len(names)))
+    top = [a + b for a, b in zip(other, attn)]
+    ax.bar(x, other, label="rest of the step", color="#bbbbbb")
+    ax.bar(x, attn, bottom=other, label="attention calls (8 layers)", color="#4477aa")
+    ax.bar(x, mask, bottom=top, label="mask function", color="#ee6677")
+    ax.set_title("whole decoding step")
+    ax2.bar(x, attn, color="#4477aa")
+    ax2.bar(x, mask, bottom=attn, color="#ee6677")
+    ax2.set_title("attention calls + mask function")
+    for a in (ax, ax2):
+        a.set_xticks(x, names, fontsize=8)
+        a.set_ylabel("host time per decoding step (us)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle("Decoding host time with the kernels stubbed (CPU proxy)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    print(f"wrote {png}")
 
 
 if __name__ == "__main__":

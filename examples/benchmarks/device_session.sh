@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One stage of the GPU checks, sized for one 10-minute call on the device machine:
+#
+#   bash examples/benchmarks/device_session.sh tests      # CUDA tests (kernels, decode, Transformers)
+#   bash examples/benchmarks/device_session.sh train      # training step: ours vs built-in flex vs sdpa
+#   bash examples/benchmarks/device_session.sh generate   # generation, both orders, host time per call
+#
+# Logs and results go to $OUT (the device tool brings that folder back), or ./device_out.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT="${OUT:-device_out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || {
+    cat "$OUT/install.log"; exit 1; }
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton',
+triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" \
+    | tee "$OUT/versions.txt"
+
+case "${1:-tests}" in
+tests)
+    timeout 150 python3 -m pytest -q -m cuda tests/test_triton_backend.py tests/test_decode.py \
+        tests/test_block_mask.py 2>&1 | tee "$OUT/cuda_kernels.log" | tail -15
+    HF_FLEXATTN_TEST_DEVICE=cuda HF_FLEXATTN_BACKEND=triton timeout 400 python3 -m pytest -q -x \
+        --timeout 300 tests/test_transformers.py 2>&1 | tee "$OUT/cuda_transformers.log" | tail -25
+    ;;
+train)
+    timeout 570 python3 -m hf_flexattn.bench_e2e --skip-generate \
+        --impls flex,flex_attention,sdpa --time-budget 540 --out "$OUT/train" 2>&1 \
+        | tee "$OUT/train.log" | tail -30
+    ;;
+generate)
+    timeout 200 python3 examples/benchmarks/decode_overhead.py 2>&1 | tee "$OUT/overhead.log"
+    timeout 220 python3 examples/benchmarks/generate_interleaved.py 10 2>&1 \
+        | tee "$OUT/interleaved.log" | tail -8
+    timeout 160 python3 -m hf_flexattn.bench_e2e --skip-train --impls flex,sdpa --gen-repeats 9 \
+        --time-budget 150 --out "$OUT/generate" 2>&1 | tee "$OUT/generate.log" | tail -20
+    ;;
+*)
+    echo "unknown stage $1 (tests, train, generate)"; exit 2
+    ;;
+esac
