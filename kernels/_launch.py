@@ -114,9 +114,11 @@ class Launcher:
             return
         self._launch(spec, tuple(constexprs.items()), grid, args, constexprs)
 
-    def bind(self, grid: tuple, tail: tuple, constexprs: dict) -> Bound:
-        """A launch whose arguments after the first few are fixed: see :class:`Bound`."""
-        return Bound(self, grid, tail, constexprs)
+    def bind(self, grid: tuple, tail: tuple, constexprs: dict,
+             tail_spec: tuple | None = None) -> Bound:
+        """A launch whose arguments after the first few are fixed: see :class:`Bound`.
+        ``tail_spec``: ``_spec(tail)`` if the caller has it already (None: computed)."""
+        return Bound(self, grid, tail, constexprs, tail_spec)
 
     def _launch(self, spec: tuple, cx_key: tuple, grid: tuple, args: tuple, cx: dict) -> Any:
         """Launch directly if ``spec`` was compiled before, else through Triton (recording
@@ -168,13 +170,14 @@ class Bound:
     specialisation is computed once, so a call only inspects the head: tensors whose dtypes
     must not change from call to call (their alignment may)."""
 
-    def __init__(self, launcher: Launcher, grid: tuple, tail: tuple, constexprs: dict) -> None:
+    def __init__(self, launcher: Launcher, grid: tuple, tail: tuple, constexprs: dict,
+                 tail_spec: tuple | None = None) -> None:
         self.launcher = launcher
         self.grid = grid
         self.g = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
         self.tail = tuple(tail)
         self.constexprs = constexprs
-        self.tail_spec = _spec(self.tail)
+        self.tail_spec = _spec(self.tail) if tail_spec is None else tail_spec
         self.cx_key = tuple(constexprs.items())
         self.slow = self.tail_spec is None or interpreter_on()
         self.hits: dict[tuple, tuple] = {}  # (device, head spec) -> launcher entry

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from ._launch import launcher_for
+from ._launch import _spec, launcher_for
 from ._layout import empty_like_query, query_order, strides_in_order
 from ._render import NoScoreMod, interpreter_on, load_rendered
 
@@ -462,6 +462,69 @@ class DecodePlan:
         return out, (lse if need_lse else None)
 
 
+class DecodeTemplate:
+    """The part of a decode launch that stays the same from one decoding step to the next:
+    the query's shape and layout, head counts and dims, the score_mod's arguments, scale,
+    kv block size and the launch constants that follow from them (with their launch
+    specialisation, computed once). :meth:`plan` adds one step's keys, BlockMask tensors,
+    mask_mod captures and config. ``q`` only provides its shape and strides."""
+
+    def __init__(self, q: torch.Tensor, Hkv: int, Ev: int, score_code: Any, scale: float,
+                 kv_block: int, has_full: bool, kernel: Any) -> None:
+        B, Hq, L, E = q.shape
+        self.B, self.Hq, self.L, self.Hkv, self.Ev = B, Hq, L, Hkv, Ev
+        self.kv_block, self.has_full = kv_block, has_full
+        self.dtype, self.device = q.dtype, q.device
+        e_pad, ev_pad = max(16, _next_pow2(E)), max(16, _next_pow2(Ev))
+        self.out_strides = strides_in_order((B, Hq, L, Ev), query_order(q))  # q's order
+        self.launcher = launcher_for(kernel)
+        # kernel arguments in signature order, in runs that do (dyn) or do not change per step
+        self.out_q = (*self.out_strides, *q.stride())
+        self.heads = (Hq, Hkv, L)
+        self.scale_score = (float(scale), *score_code.runtime_args())
+        self.specs = [_spec(self.out_q), _spec(self.heads), _spec(self.scale_score)]
+        self.constexprs = dict(
+            GROUP=Hq // Hkv, E=E, EV=Ev, E_PAD=e_pad, EV_PAD=ev_pad, BLOCK_M=0, BLOCK_N=0,
+            KV_BLOCK=kv_block, HAS_FULL=has_full, UPCAST=interpreter_on(), BIG=False,
+            EVEN_N=False, EVEN_D=E == e_pad and Ev == ev_pad, ONE_SPLIT=False, num_warps=0,
+            num_stages=0,
+        )
+
+    def plan(self, k: torch.Tensor, v: torch.Tensor, kv_num: torch.Tensor,
+             kv_idx: torch.Tensor, full_num: torch.Tensor | None, full_idx: torch.Tensor | None,
+             mask_code: Any, cfg: DecodeConfig) -> DecodePlan:
+        """The :class:`DecodePlan` for one step (k ``[B, Hkv, S, E]``, v ``[B, Hkv, S, Ev]``
+        with this template's batch, heads and dims; BlockMask tensors of its batch/head
+        broadcast and block size; ``mask_code`` bound to this step's captures)."""
+        B, Hq, Hkv = self.B, self.Hq, self.Hkv
+        S, ns = k.shape[2], cfg.num_splits
+        kvi = _index_args(kv_num, kv_idx, B, Hq)
+        fkvi = _index_args(full_num, full_idx, B, Hq) if self.has_full else kvi
+        kv = (*k.stride(), *v.stride(), *kvi, *fkvi)
+        sn = (S, ns)
+        margs = tuple(mask_code.runtime_args())
+        dyn = (_spec(kv), _spec(sn), _spec(margs))
+        spec = None
+        if None not in dyn and None not in self.specs:
+            spec = self.specs[0] + dyn[0] + self.specs[1] + dyn[1] + self.specs[2] + dyn[2]
+        cx = dict(self.constexprs)
+        cx.update(
+            BLOCK_M=cfg.BLOCK_M,
+            BLOCK_N=cfg.BLOCK_N,
+            BIG=S * max(abs(k.stride(2)), abs(v.stride(2))) >= 2**31 - 1,
+            EVEN_N=S % self.kv_block == 0,
+            ONE_SPLIT=ns == 1,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+        tail = self.out_q + kv + self.heads + sn + self.scale_score + margs
+        bound = self.launcher.bind((ns, B * Hkv), tail, cx, tail_spec=spec)
+        return DecodePlan(
+            bound, (B, Hq, self.L, self.Ev), self.dtype, self.device,
+            (B, Hq, Hkv, self.L, ns, self.Ev), self.out_strides,
+        )
+
+
 def plan_decode(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -476,61 +539,16 @@ def plan_decode(
     kv_block: int,
     cfg: DecodeConfig,
     kernel: Any = None,
+    template_out: list | None = None,
 ) -> DecodePlan:
     """The :class:`DecodePlan` of :func:`launch_decode` for these arguments (``B * Hq * L``
-    must be positive)."""
-    B, Hq, L, E = q.shape
-    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
-    ns = cfg.num_splits
+    must be positive); ``template_out`` (a list) also receives its :class:`DecodeTemplate`."""
     split = kernel or get_decode_kernel(score_code, mask_code, q.dtype)
     has_full = full_num is not None and full_idx is not None
-    e_pad, ev_pad = max(16, _next_pow2(E)), max(16, _next_pow2(Ev))
-    even_d = E == e_pad and Ev == ev_pad
-    big = S * max(abs(k.stride(2)), abs(v.stride(2))) >= 2**31 - 1
-    kvi = _index_args(kv_num, kv_idx, B, Hq)
-    fkvi = _index_args(full_num, full_idx, B, Hq) if has_full else kvi
-    order = query_order(q)  # out is stored in q's memory order
-    out_strides = strides_in_order((B, Hq, L, Ev), order)
-    split_launch = launcher_for(split).bind(
-        (ns, B * Hkv),
-        (
-            *out_strides,
-            *q.stride(),
-            *k.stride(),
-            *v.stride(),
-            *kvi,
-            *fkvi,
-            Hq,
-            Hkv,
-            L,
-            S,
-            ns,
-            float(scale),
-            *score_code.runtime_args(),
-            *mask_code.runtime_args(),
-        ),
-        dict(
-            GROUP=Hq // Hkv,
-            E=E,
-            EV=Ev,
-            E_PAD=e_pad,
-            EV_PAD=ev_pad,
-            BLOCK_M=cfg.BLOCK_M,
-            BLOCK_N=cfg.BLOCK_N,
-            KV_BLOCK=kv_block,
-            HAS_FULL=has_full,
-            UPCAST=interpreter_on(),
-            BIG=big,
-            EVEN_N=S % kv_block == 0,
-            EVEN_D=even_d,
-            ONE_SPLIT=ns == 1,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        ),
-    )
-    return DecodePlan(
-        split_launch, (B, Hq, L, Ev), q.dtype, q.device, (B, Hq, Hkv, L, ns, Ev), out_strides
-    )
+    t = DecodeTemplate(q, k.shape[1], v.shape[3], score_code, scale, kv_block, has_full, split)
+    if template_out is not None:
+        template_out.append(t)
+    return t.plan(k, v, kv_num, kv_idx, full_num, full_idx, mask_code, cfg)
 
 
 def launch_decode(

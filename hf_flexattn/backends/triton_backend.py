@@ -894,7 +894,8 @@ def _decode_impl(
     fresh: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Run the decode kernel; with ``plan_out`` (a list) also build and append the
-    :class:`~hf_flexattn.kernels.flex_decode.DecodePlan` for later calls of these shapes.
+    :class:`~hf_flexattn.kernels.flex_decode.DecodePlan` for later calls of these shapes and
+    its :class:`~hf_flexattn.kernels.flex_decode.DecodeTemplate`.
     ``fresh``: allocate the workspace instead of reusing the cached one (the custom op, which
     may run in a CUDA-graph warm-up whose allocations come from the graph's pool)."""
     flex_decode = _flex_decode
@@ -924,8 +925,9 @@ def _decode_impl(
         e.decode_kernel(q.dtype),
     )
     if plan_out is not None and q.shape[0] * q.shape[1] * q.shape[2] > 0:
-        plan = flex_decode.plan_decode(*args)
-        plan_out.append(plan)
+        templates: list = []
+        plan = flex_decode.plan_decode(*args, template_out=templates)
+        plan_out.extend((plan, templates[0]))
         return flex_decode.launch_decode(*args, plan=plan)
     return flex_decode.launch_decode(*args, fresh=fresh)
 
@@ -1080,7 +1082,7 @@ def _template_key(query, key, value, score_mod, block_mask, scale, opts) -> tupl
 
 
 def _remember_template(query, key, value, score_mod, block_mask, scale, opts, kid,
-                       score_caps: list, mask_caps: list) -> None:
+                       score_caps: list, mask_caps: list, template: Any) -> None:
     tkey = _template_key(query, key, value, score_mod, block_mask, float(scale), opts)
     if tkey is None:
         return
@@ -1089,7 +1091,7 @@ def _remember_template(query, key, value, score_mod, block_mask, scale, opts, ki
         return
     if len(_TEMPLATES) >= _MAX_TEMPLATES:
         _TEMPLATES.pop(next(iter(_TEMPLATES)))
-    _TEMPLATES[tkey] = (kid, score_mod, list(score_caps))
+    _TEMPLATES[tkey] = (kid, score_mod, list(score_caps), template)
 
 
 def _plan_from_template(query, key, value, score_mod, block_mask, scale, opts, pkey) -> Any:
@@ -1101,7 +1103,7 @@ def _plan_from_template(query, key, value, score_mod, block_mask, scale, opts, p
     hit = None if tkey is None else _TEMPLATES.get(tkey)
     if hit is None or hit[1] is not score_mod:
         return None
-    kid, _, score_caps = hit
+    kid, _, score_caps, template = hit
     if torch.is_grad_enabled() and any(t.requires_grad for t in score_caps):
         return None  # a learnable score_mod under autograd: the differentiable kernels
     L, S = query.shape[2], key.shape[2]
@@ -1126,11 +1128,7 @@ def _plan_from_template(query, key, value, score_mod, block_mask, scale, opts, p
         device, query.dtype, tuple(query.shape), tuple(key.shape), value.shape[-1], kv_block,
         None,
     )
-    plan = _flex_decode.plan_decode(
-        query, key, value, kvn, kvi, fkvn, fkvi, _with_captured(e.score_code, score_caps),
-        _with_captured(e.mask_code, list(caps)), scale, kv_block, cfg,
-        e.decode_kernel(query.dtype),
-    )
+    plan = template.plan(key, value, kvn, kvi, fkvn, fkvi, _with_captured(e.mask_code, caps), cfg)
     _remember_plan(block_mask, query, key, value, score_mod, scale, opts, plan, score_caps, pkey)
     return plan
 
@@ -1287,7 +1285,7 @@ def flex_attention_forward(
                     if splits is None:
                         _remember_template(
                             query, key, value, score_mod, block_mask, scale, opts, kid,
-                            score_caps, mask_caps,
+                            score_caps, mask_caps, plans[1],
                         )
                 return res
             return _decode_impl(*args)
