@@ -551,6 +551,18 @@ def test_masks_built_during_graph_capture_are_not_cached(monkeypatch):
         assert torch.equal(_dense_tiles(other, 2, 30, 30), _dense_tiles(want, 2, 30, 30))
 
 
+@pytest.mark.cuda
+def test_cuda_mask_for_a_device_without_index():
+    """``device="cuda"`` means the current device: the decoding step's cached views live there."""
+    fn = mu.causal_mask_function
+    with torch.no_grad():
+        bm = integ.flex_mask(2, 1, 300, 299, 0, fn, device="cuda")
+    cur = torch.device("cuda", torch.cuda.current_device())
+    assert bm.kv_num_blocks.device == cur and bm.kv_indices.device == cur
+    shift = bm.mask_mod._hf_flexattn_family[1][0]
+    assert shift.device == cur and int(shift) == 299
+
+
 def test_mask_under_inference_mode():
     """Inference tensors have no version counter: such masks are built, just not cached."""
     fn = mu.causal_mask_function

@@ -798,6 +798,9 @@ def flex_mask(
     if device is None:
         device = attention_mask.device if attention_mask is not None else torch.device("cpu")
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        # cached buffers are keyed by device: "cuda" alone would follow the current device
+        device = torch.device("cuda", torch.cuda.current_device())
     if isinstance(q_offset, torch.Tensor):
         q_offset = q_offset.to(device=device, dtype=torch.long).reshape(())
     block = int(BLOCK_SIZE)
