@@ -563,6 +563,29 @@ def test_cuda_mask_for_a_device_without_index():
     assert shift.device == cur and int(shift) == 299
 
 
+def test_traced_mask_function_leaves_the_caches_alone():
+    """Under torch.compile (Transformers compiles static-cache decoding) the mask function is
+    traced: a cached mask would enter the graph as a constant, and masks made in the graph
+    are graph values, so the traced code neither reads nor fills the Python-side caches."""
+    fn = mu.causal_mask_function
+    integ.clear_cache()
+    integ._OFFSETS.clear()
+
+    def f(q_off):
+        bm = integ.flex_mask(2, 4, 30, q_off, 0, fn, attention_mask=_padding(2, 30, [0, 3]))
+        return bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum()
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            got = torch.compile(f, backend="eager")(torch.tensor(26))
+    finally:
+        torch._dynamo.reset()
+    assert not integ._mask_cache and not integ._OFFSETS
+    with torch.no_grad():
+        assert int(got) == int(f(torch.tensor(26)))
+
+
 def test_mask_under_inference_mode():
     """Inference tensors have no version counter: such masks are built, just not cached."""
     fn = mu.causal_mask_function

@@ -189,6 +189,10 @@ def _bounded_put(cache: OrderedDict, key: Any, value: Any, size: int) -> None:
 
 
 def _cache_get(key: tuple) -> Any:
+    if torch.compiler.is_compiling():
+        # traced code must not read Python-side caches: a cached mask would enter the graph
+        # as a constant (stale for other offsets) and its tensors could be graph outputs
+        return None
     hit = _mask_cache.get(key)
     if hit is None:
         return None
@@ -198,7 +202,8 @@ def _cache_get(key: tuple) -> Any:
 
 def _cache_put(key: tuple, value: Any, refs: list) -> None:
     # `refs` keeps the keyed tensors alive so that their ids cannot be reused while cached;
-    # masks built while a CUDA graph is captured live in its pool: not cached
+    # masks built while a CUDA graph is captured live in its pool, and masks built in traced
+    # code are graph values: neither is cached
     if _capturing(value.kv_num_blocks.device):
         return
     _bounded_put(_mask_cache, key, (value, refs), _CACHE_SIZE)
@@ -406,9 +411,12 @@ def _index_buffer(n: int, device: torch.device) -> torch.Tensor:
 
 
 def _capturing(device: torch.device) -> bool:
-    """Whether a CUDA graph is being captured on ``device``'s current stream: memory
-    allocated then belongs to the graph's pool, so it must not enter a cache that calls
-    outside the graph reuse."""
+    """Whether a CUDA graph is being captured on ``device``'s current stream (memory
+    allocated then belongs to the graph's pool) or the code is being traced by
+    torch.compile (tensors made then are graph values): either way nothing made now may
+    enter a cache that later calls reuse."""
+    if torch.compiler.is_compiling():
+        return True
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
@@ -535,7 +543,8 @@ def _offset_tensor(value: int, device: torch.device) -> torch.Tensor:
     t = _OFFSETS.get(key)
     if t is None:
         value = int(value)
-        if _capturing(device):  # graph-pool memory: used by this graph only, never cached
+        if _capturing(device):
+            # graph values, or graph-pool memory: used by this graph only, never cached
             return torch.full((), value, dtype=torch.long, device=device)
         if 0 <= value < 2**21:  # banks up to 16 MiB
             bank = _OFFSET_BANKS.get(device)
@@ -817,22 +826,24 @@ def flex_mask(
         if bm is not None:
             return bm
 
-    key = (
-        "mask",
-        batch_size,
-        q_length,
-        kv_length,
-        _tensor_key(q_offset),
-        kv_offset,
-        _tensor_key(attention_mask),
-        id(mask_function),
-        str(device),
-        block,
-    )
-    refs = [mask_function, attention_mask, q_offset]
-    hit = _cache_get(key)
-    if hit is not None:
-        return hit
+    key = None
+    if not torch.compiler.is_compiling():  # traced code keeps out of the cache
+        key = (
+            "mask",
+            batch_size,
+            q_length,
+            kv_length,
+            _tensor_key(q_offset),
+            kv_offset,
+            _tensor_key(attention_mask),
+            id(mask_function),
+            str(device),
+            block,
+        )
+        refs = [mask_function, attention_mask, q_offset]
+        hit = _cache_get(key)
+        if hit is not None:
+            return hit
 
     full_pad = None
     pad = None
@@ -906,7 +917,8 @@ def flex_mask(
             plain=plain,
         ),
     )
-    _cache_put(key, bm, refs)
+    if key is not None:
+        _cache_put(key, bm, refs)
     return bm
 
 
@@ -933,10 +945,12 @@ def _document_mask(
     device: torch.device,
 ) -> Any:
     block = int(BLOCK_SIZE)
-    key = ("docs", kind, _tensor_key(source), batch, length, window, str(device), block)
-    hit = _cache_get(key)
-    if hit is not None:
-        return hit
+    key = None
+    if not torch.compiler.is_compiling():  # traced code keeps out of the cache
+        key = ("docs", kind, _tensor_key(source), batch, length, window, str(device), block)
+        hit = _cache_get(key)
+        if hit is not None:
+            return hit
     if kind == "cu":
         docs = _docs_from_cu_seqlens(source.to(device), length)
     else:
@@ -946,7 +960,8 @@ def _document_mask(
     st = _Structure(causal=True, window=window, docs=docs)
     bm = _build_structured(st, None, batch, length, length, 0, 0, device, block)
     _attach(bm, MaskInfo(q_offset=0, kv_offset=0, kv_length=length, padding=None, plain=False))
-    _cache_put(key, bm, [source])
+    if key is not None:
+        _cache_put(key, bm, [source])
     return bm
 
 
@@ -1065,6 +1080,8 @@ def _cu_differ(cu_q: torch.Tensor, cu_k: torch.Tensor) -> bool:
     CUDA) runs once per pair of tensors, not once per layer."""
     if cu_q.shape != cu_k.shape:
         return True
+    if torch.compiler.is_compiling():
+        return not torch.equal(cu_q, cu_k)  # traced: no Python-side cache
     key = (_tensor_key(cu_q), _tensor_key(cu_k))
     hit = _CU_CHECKED.get(key)
     if hit is not None and hit[0] is cu_q and hit[1] is cu_k:  # same live tensors
