@@ -1163,19 +1163,29 @@ def run_plan(
     plans = getattr(block_mask, _PLANS_ATTR, None)
     if not plans and not _TEMPLATES:
         return None
-    opts = _plan_options(kernel_options)
+    opts = _plan_options(kernel_options) if kernel_options else None
     if opts is _NO_PLAN:
         return None
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     elif type(scale) is not float:
         return None
-    if (query.shape[1] != key.shape[1] and not enable_gqa) or (
-        torch.is_grad_enabled()
-        and (query.requires_grad or key.requires_grad or value.requires_grad)
+    if torch.is_grad_enabled() and (
+        query.requires_grad or key.requires_grad or value.requires_grad
     ):
         return None
-    if not _direct_call_ok((query, key, value)):
+    if query.shape[1] != key.shape[1] and not enable_gqa:
+        return None
+    # what _direct_call_ok checks, inline (this runs once per layer and decoding step)
+    if (
+        type(query) is not Tensor
+        or type(key) is not Tensor
+        or type(value) is not Tensor
+        or torch._C._is_torch_function_mode_enabled()
+        or _dispatch_stack_len() > 0
+        or _peek_interpreter_stack is None
+        or _peek_interpreter_stack() is not None
+    ):
         return None
     pkey = _plan_key(query, key, value, score_mod, scale, opts)
     hit = plans.get(pkey) if plans else None

@@ -64,7 +64,6 @@ logger = logging.getLogger(__name__)
 BLOCK_SIZE: int = 128
 
 _REGISTERED: set[str] = set()
-_may_have_plan = _tb.may_have_plan
 _CACHE_SIZE = 16
 _mask_cache: OrderedDict[tuple, tuple[Any, list]] = OrderedDict()
 
@@ -1191,7 +1190,6 @@ def flex_attention_forward(
     training = module is None or bool(getattr(module, "training", False))
     if (
         s_aux is None
-        and _may_have_plan(attention_mask)
         and query.shape[2] != key.shape[2]
         and "kernel_options" not in kwargs
         and not (dropout and training)
