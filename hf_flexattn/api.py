@@ -227,8 +227,9 @@ def flex_attention(
     Returns:
         ``out [B, Hq, L, Ev]`` in the input dtype, or ``(out, lse)``.
     """
-    if block_mask is not None and _backend_fns()[1](block_mask):  # a decode plan may apply
-        res = _backend_fns()[0](
+    run_plan, may_have_plan = _backend_fns()
+    if block_mask is not None and may_have_plan(block_mask):  # a decode plan may apply
+        res = run_plan(
             query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options, return_lse
         )
         if res is not None:  # a repeated decode call, validated when the plan was stored

@@ -27,7 +27,6 @@ def strides_in_order(shape: tuple[int, ...], order: tuple[int, ...] | None) -> t
     whose last dim is innermost."""
     n = len(shape) - 1
     out = [0] * (n + 1)
-    acc = 1
     out[n] = 1
     acc = shape[n]
     for d in reversed(order if order is not None else range(n)):

@@ -431,11 +431,11 @@ class DecodePlan:
     so a call costs the output allocations and one launch."""
 
     def __init__(self, split: Any, out_shape: tuple, dtype: torch.dtype,
-                 device: torch.device, ws: tuple, out_strides: tuple | None = None) -> None:
+                 device: torch.device, ws: tuple, out_strides: tuple) -> None:
         self.split = split
         # out's strides (q's memory order): what the launch was bound with
         self.out_shape, self.lse_shape = out_shape, out_shape[:3]
-        self.out_strides = out_strides or strides_in_order(out_shape, None)
+        self.out_strides = out_strides
         self.dtype, self.device, self.ws = dtype, device, ws
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

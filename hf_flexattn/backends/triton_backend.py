@@ -898,7 +898,6 @@ def _decode_impl(
     its :class:`~hf_flexattn.kernels.flex_decode.DecodeTemplate`.
     ``fresh``: allocate the workspace instead of reusing the cached one (the custom op, which
     may run in a CUDA-graph warm-up whose allocations come from the graph's pool)."""
-    flex_decode = _flex_decode
     e = _ENTRIES[kernel_id]
     cfg = _decode_config(
         q.device,
@@ -926,10 +925,10 @@ def _decode_impl(
     )
     if plan_out is not None and q.shape[0] * q.shape[1] * q.shape[2] > 0:
         templates: list = []
-        plan = flex_decode.plan_decode(*args, template_out=templates)
+        plan = _flex_decode.plan_decode(*args, template_out=templates)
         plan_out.extend((plan, templates[0]))
-        return flex_decode.launch_decode(*args, plan=plan)
-    return flex_decode.launch_decode(*args, fresh=fresh)
+        return _flex_decode.launch_decode(*args, plan=plan)
+    return _flex_decode.launch_decode(*args, fresh=fresh)
 
 
 @flex_decode_op.register_fake
@@ -1176,16 +1175,7 @@ def run_plan(
         return None
     if query.shape[1] != key.shape[1] and not enable_gqa:
         return None
-    # what _direct_call_ok checks, inline (this runs once per layer and decoding step)
-    if (
-        type(query) is not Tensor
-        or type(key) is not Tensor
-        or type(value) is not Tensor
-        or torch._C._is_torch_function_mode_enabled()
-        or _dispatch_stack_len() > 0
-        or _peek_interpreter_stack is None
-        or _peek_interpreter_stack() is not None
-    ):
+    if not _direct_call_ok((query, key, value)):
         return None
     pkey = _plan_key(query, key, value, score_mod, scale, opts)
     hit = plans.get(pkey) if plans else None
@@ -1292,11 +1282,10 @@ def flex_attention_forward(
                         block_mask, query, key, value, score_mod, scale, opts, plans[0],
                         score_caps,
                     )
-                    if splits is None:
-                        _remember_template(
-                            query, key, value, score_mod, block_mask, scale, opts, kid,
-                            score_caps, mask_caps, plans[1],
-                        )
+                    _remember_template(
+                        query, key, value, score_mod, block_mask, scale, opts, kid,
+                        score_caps, mask_caps, plans[1],
+                    )
                 return res
             return _decode_impl(*args)
         return flex_decode_op(*args)

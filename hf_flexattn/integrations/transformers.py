@@ -188,10 +188,8 @@ def _bounded_put(cache: OrderedDict, key: Any, value: Any, size: int) -> None:
 
 
 def _cache_get(key: tuple) -> Any:
-    if torch.compiler.is_compiling():
-        # traced code must not read Python-side caches: a cached mask would enter the graph
-        # as a constant (stale for other offsets) and its tensors could be graph outputs
-        return None
+    # callers skip the cache in traced code: a cached mask would enter the graph as a
+    # constant (stale for other offsets) and its tensors could be graph outputs
     hit = _mask_cache.get(key)
     if hit is None:
         return None
@@ -688,7 +686,7 @@ def _build_generic(
     )
 
 
-_ANALYSED: dict[int, tuple] = {}
+_ANALYSED: OrderedDict[int, tuple] = OrderedDict()
 
 
 def _analyse_cached(fn: Callable) -> tuple[_Structure, torch.Tensor | None] | None:
@@ -700,7 +698,7 @@ def _analyse_cached(fn: Callable) -> tuple[_Structure, torch.Tensor | None] | No
     hit = _ANALYSED.get(id(fn))
     if hit is None or hit[0] is not fn:
         hit = (fn, _analyse(fn))
-        _bounded_put_dict(_ANALYSED, id(fn), hit, 64)
+        _bounded_put(_ANALYSED, id(fn), hit, 64)
     res = hit[1]
     if res is None:
         return None
@@ -708,10 +706,15 @@ def _analyse_cached(fn: Callable) -> tuple[_Structure, torch.Tensor | None] | No
     return _Structure(causal=st.causal, window=st.window, docs=st.docs), res[1]
 
 
-def _bounded_put_dict(cache: dict, key: Any, value: Any, size: int) -> None:
-    if len(cache) >= size:
-        cache.pop(next(iter(cache)))
-    cache[key] = value
+def _padding_as_given(attention_mask: torch.Tensor, device: torch.device, need: int) -> bool:
+    """Whether the 2-D padding mask can be read as it is (the mask_mod keeps nonzero
+    entries): on ``device``, covering ``need`` key positions, not floating point. Then no
+    conversion or padding kernel runs, which matters once per decoding step."""
+    return (
+        attention_mask.device == device
+        and attention_mask.shape[-1] >= need
+        and not attention_mask.dtype.is_floating_point
+    )
 
 
 def _one_q_tile_mask(
@@ -737,11 +740,7 @@ def _one_q_tile_mask(
         return None
     pad = None
     if attention_mask is not None:
-        if (
-            attention_mask.device != device
-            or attention_mask.shape[-1] < kv_offset + kv_length
-            or (attention_mask.dtype != torch.bool and attention_mask.dtype.is_floating_point)
-        ):
+        if not _padding_as_given(attention_mask, device, kv_offset + kv_length):
             return None
         pad = attention_mask[:, kv_offset : kv_offset + kv_length]
         if pad.shape[0] != batch_size:
@@ -848,13 +847,7 @@ def flex_mask(
     pad = None
     if attention_mask is not None:
         need = kv_offset + kv_length
-        if (
-            attention_mask.device == device
-            and attention_mask.shape[-1] >= need
-            and (attention_mask.dtype == torch.bool or not attention_mask.dtype.is_floating_point)
-        ):
-            # taken as it is (the mask_mod keeps nonzero entries): no conversion kernel, which
-            # matters once per decoding step
+        if _padding_as_given(attention_mask, device, need):
             full_pad = attention_mask
         else:
             full_pad = attention_mask.to(device=device, dtype=torch.bool)
