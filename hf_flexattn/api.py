@@ -187,6 +187,33 @@ def _validate(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             )
 
 
+_AUTOCASTABLE = (torch.float32, torch.float16, torch.bfloat16)
+# one C call, no device argument: keeps the check off the decoding path's cost (~0.1 us)
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
+def autocast_inputs(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str | None]:
+    """Inside ``torch.autocast`` for the query's device: q, k and v cast to the autocast
+    dtype, as autocast does for SDPA (float64 is left alone), and that device type (the
+    caller runs the kernel with autocast off). Outside autocast: unchanged and ``None``.
+
+    Mixed-precision training needs this: under bf16 autocast with fp32 weights, rotary
+    embeddings leave q and k in fp32 while v comes out of its projection in bf16."""
+    if not _any_autocast() or not isinstance(query, torch.Tensor):
+        return query, key, value, None
+    dev = query.device.type
+    if not torch.is_autocast_enabled(dev):
+        return query, key, value, None
+    dt = torch.get_autocast_dtype(dev)
+    q, k, v = (
+        t.to(dt) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCASTABLE else t
+        for t in (query, key, value)
+    )
+    return q, k, v, dev
+
+
 _PLAN_FNS: list = []
 
 
@@ -225,8 +252,16 @@ def flex_attention(
             overrides for the Triton kernels.
 
     Returns:
-        ``out [B, Hq, L, Ev]`` in the input dtype, or ``(out, lse)``.
+        ``out [B, Hq, L, Ev]`` in the input dtype, or ``(out, lse)``. Inside
+        ``torch.autocast`` the inputs are first cast to the autocast dtype (as for SDPA).
     """
+    query, key, value, autocast_device = autocast_inputs(query, key, value)
+    if autocast_device is not None:
+        with torch.autocast(autocast_device, enabled=False):
+            return flex_attention(
+                query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
+                kernel_options,
+            )
     run_plan, may_have_plan = _backend_fns()
     if block_mask is not None and may_have_plan(block_mask):  # a decode plan may apply
         res = run_plan(

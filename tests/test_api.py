@@ -86,6 +86,50 @@ def test_cpu_training_gradients():
         torch.testing.assert_close(g, t.grad, rtol=1e-9, atol=1e-9)
 
 
+def test_autocast_casts_inputs_like_sdpa():
+    """Under bf16 autocast with fp32 weights, rotary embeddings leave q and k in fp32 while v
+    is bf16: flex_attention takes them as SDPA does, all cast to the autocast dtype."""
+    q, k, v = _qkv(Hq=4, Hkv=2, L=24, S=24)
+    q.requires_grad_(), k.requires_grad_()
+    v16 = v.bfloat16().requires_grad_()
+    bm = create_block_mask(causal, None, None, 24, 24, device="cpu", BLOCK_SIZE=8)
+    kw = dict(block_mask=bm, enable_gqa=True, kernel_options=OPTS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, lse = flex_attention(q, k, v16, return_lse=True, **kw)
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v16))
+    expect, expect_lse = flex_attention(q2.bfloat16(), k2.bfloat16(), v2, return_lse=True, **kw)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    assert torch.equal(out, expect) and torch.equal(lse, expect_lse)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).bfloat16()
+    (out * g).sum().backward()
+    (expect * g).sum().backward()
+    assert q.grad.dtype == torch.float32 and v16.grad.dtype == torch.bfloat16
+    for a, b in ((q.grad, q2.grad), (k.grad, k2.grad), (v16.grad, v2.grad)):
+        assert torch.equal(a, b)
+    with pytest.raises(TypeError, match="share one dtype"):  # outside autocast: an error
+        flex_attention(q, k, v16, **kw)
+
+
+def test_autocast_under_torch_compile():
+    """The autocast cast traces (fullgraph) in front of the Triton op (interpreter: fp16)."""
+    q, k, v = _qkv(Hq=4, Hkv=2, L=32, S=32)
+    bm = create_block_mask(causal, None, None, 32, 32, device="cpu", BLOCK_SIZE=16)
+
+    def fn(q, k, v):
+        with torch.autocast("cpu", dtype=torch.float16):
+            return flex_attention(q, k, v.half(), block_mask=bm, enable_gqa=True,
+                                  kernel_options={"backend": "triton"})
+
+    expect = fn(q, k, v)
+    got = torch.compile(fn, backend="eager", fullgraph=True)(q, k, v)
+    assert got.dtype == torch.float16 and torch.equal(got, expect)
+    q64, k64, v64 = (t.half().double() for t in (q, k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q64, k64, v64, is_causal=True, enable_gqa=True
+    )
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=2e-3)
+
+
 # ---------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     "kwargs, exc, words",

@@ -386,20 +386,11 @@ class _FlexAttentionTorch(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if d_out is None:
             d_out = torch.zeros_like(out)
-        dq, dk, dv, dcaps = _backward(
-            q,
-            k,
-            v,
-            out,
-            lse,
-            d_out,
-            d_lse,
-            ctx.score_mod,
-            ctx.mask_mod,
-            ctx.plan,
-            ctx.scale,
-            list(ctx.caps),
-        )
+        with torch.autocast(q.device.type, enabled=False):  # the forward ran without it
+            dq, dk, dv, dcaps = _backward(
+                q, k, v, out, lse, d_out, d_lse, ctx.score_mod, ctx.mask_mod, ctx.plan,
+                ctx.scale, list(ctx.caps),
+            )
         ncap = ctx.needs_input_grad[7:]
         cap_grads = []
         for c, g, need in zip(ctx.caps, dcaps, ncap):

@@ -38,6 +38,7 @@ from torch.nn.attention.flex_attention import BlockMask as _TorchBlockMask
 from transformers import masking_utils as mu
 
 from hf_flexattn._mod_eval import freeze, freeze_family
+from hf_flexattn.api import autocast_inputs
 from hf_flexattn.api import flex_attention as _flex_attention
 from hf_flexattn.backends import triton_backend as _tb
 from hf_flexattn.block_mask import (
@@ -1178,8 +1179,16 @@ def flex_attention_forward(
             ``position_ids`` (packed rows restarting at 0), ``kernel_options``; others ignored.
 
     Returns:
-        ``(out [B, Lq, Hq, Dv] contiguous, None)``.
+        ``(out [B, Lq, Hq, Dv] contiguous, None)``; inside ``torch.autocast`` in the
+        autocast dtype (q, k and v are cast to it first, as for SDPA).
     """
+    query, key, value, autocast_device = autocast_inputs(query, key, value)
+    if autocast_device is not None:
+        with torch.autocast(autocast_device, enabled=False):
+            return flex_attention_forward(
+                module, query, key, value, attention_mask, scaling, dropout, sliding_window,
+                softcap, s_aux, **kwargs,
+            )
     training = module is None or bool(getattr(module, "training", False))
     if (
         s_aux is None
