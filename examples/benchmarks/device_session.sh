@@ -4,6 +4,7 @@
 #   bash examples/benchmarks/device_session.sh tests      # CUDA tests (kernels, decode, Transformers)
 #   bash examples/benchmarks/device_session.sh train      # training step: ours vs built-in flex vs sdpa
 #   bash examples/benchmarks/device_session.sh generate   # generation, both orders, host time per call
+#   bash examples/benchmarks/device_session.sh recipe     # recipes/packed_finetune.py: 1 GPU, FSDP2
 #
 # Logs and results go to $OUT (the device tool brings that folder back), or ./device_out.
 set -uo pipefail
@@ -36,7 +37,24 @@ generate)
     timeout 160 python3 -m hf_flexattn.bench_e2e --skip-train --impls flex,sdpa --gen-repeats 9 \
         --time-budget 150 --out "$OUT/generate" 2>&1 | tee "$OUT/generate.log" | tail -20
     ;;
+recipe)
+    # the e2e benchmark's model (hidden 2048, 8 layers, 16/8 heads of 128), bf16 autocast,
+    # rows of 16k tokens; flex with cu_seq_lens, then sdpa with position_ids for comparison
+    M='{"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 8,
+        "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+        "vocab_size": 32000, "max_position_embeddings": 16384}'
+    R=(recipes/packed_finetune.py --model-type llama --model-config "$M" --synthetic-docs 600
+       --synthetic-min-len 64 --synthetic-max-len 4096 --max-tokens 16384 --max-steps 12
+       --log-every 4)
+    for run in "single_gpu flex" "fsdp2 flex" "single_gpu sdpa"; do
+        read -r cfg impl <<<"$run"
+        timeout 170 python3 -m accelerate.commands.launch --num_processes 1 \
+            --config_file "recipes/configs/$cfg.yaml" "${R[@]}" --attn-implementation "$impl" \
+            --log-file "$OUT/recipe_${cfg}_$impl.jsonl" 2>&1 \
+            | tee "$OUT/recipe_${cfg}_$impl.log" | grep -v "examples/s" | tail -6
+    done
+    ;;
 *)
-    echo "unknown stage $1 (tests, train, generate)"; exit 2
+    echo "unknown stage $1 (tests, train, generate, recipe)"; exit 2
     ;;
 esac
