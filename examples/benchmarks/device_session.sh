@@ -5,6 +5,7 @@
 #   bash examples/benchmarks/device_session.sh train      # training step: ours vs built-in flex vs sdpa
 #   bash examples/benchmarks/device_session.sh generate   # generation, both orders, host time per call
 #   bash examples/benchmarks/device_session.sh recipe     # recipes/packed_finetune.py: 1 GPU, FSDP2
+#   bash examples/benchmarks/device_session.sh sweep      # kernel configs on the training shape
 #
 # Logs and results go to $OUT (the device tool brings that folder back), or ./device_out.
 set -uo pipefail
@@ -54,7 +55,13 @@ recipe)
             | tee "$OUT/recipe_${cfg}_$impl.log" | grep -v "examples/s" | tail -6
     done
     ;;
+sweep)
+    timeout 330 python3 examples/benchmarks/config_sweep.py --json "$OUT/sweep_16k.json" 2>&1 \
+        | tee "$OUT/sweep_16k.log"
+    timeout 240 python3 examples/benchmarks/config_sweep.py --heads 64/8/128 --tokens 8192 \
+        --json "$OUT/sweep_8k.json" 2>&1 | tee "$OUT/sweep_8k.log"
+    ;;
 *)
-    echo "unknown stage $1 (tests, train, generate, recipe)"; exit 2
+    echo "unknown stage $1 (tests, train, generate, recipe, sweep)"; exit 2
     ;;
 esac
