@@ -262,34 +262,54 @@ def _load_raw(args: argparse.Namespace) -> Any:
     return datasets.load_dataset(path, args.dataset_config, split=args.split)
 
 
+class _ListDataset(torch.utils.data.Dataset):
+    """``--synthetic-docs`` without `datasets` installed: rows ``{"input_ids": [...]}`` by
+    index, the column by name (as ``datasets.Dataset`` gives them)."""
+
+    def __init__(self, docs: list[list[int]]) -> None:
+        self.docs = docs
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def __getitem__(self, i: int | str) -> Any:
+        if isinstance(i, str):
+            if i != "input_ids":
+                raise KeyError(i)
+            return self.docs
+        return {"input_ids": self.docs[i]}
+
+
 def load_documents(args: argparse.Namespace, tokenizer: Any = None) -> Any:
     """A ``datasets.Dataset`` with one ``input_ids`` list per document: tokenized text
     (an EOS appended when the tokenizer has one) or ``--synthetic-docs`` random tokens; each
-    cut to ``--max-tokens`` and kept only if it has at least 2 tokens (one target)."""
-    import datasets
-
+    cut to ``--max-tokens`` and kept only if it has at least 2 tokens (one target).
+    Random documents need no `datasets` (a plain list-backed dataset stands in)."""
+    cap = args.max_tokens
     if args.dataset is None:
         vocab = int(args.vocab_size)
         g = torch.Generator().manual_seed(args.seed)
-        lo, hi = args.synthetic_min_len, args.synthetic_max_len
+        lo, hi = args.synthetic_min_len, args.synthetic_max_len  # lo >= 2: a target each
         lens = torch.randint(lo, hi + 1, (args.synthetic_docs,), generator=g).tolist()
-        docs = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
-        ds = datasets.Dataset.from_dict({"input_ids": docs})
-    else:
-        raw = _load_raw(args)
-        if args.text_column not in raw.column_names:
-            raise ValueError(
-                f"--text-column {args.text_column!r} is not a column of the dataset "
-                f"(columns: {raw.column_names})."
-            )
-        eos = tokenizer.eos_token_id
+        docs = [torch.randint(3, vocab, (n,), generator=g).tolist()[:cap] for n in lens]
+        try:
+            import datasets
+        except ImportError:
+            return _ListDataset(docs)
+        return datasets.Dataset.from_dict({"input_ids": docs})
+    raw = _load_raw(args)
+    if args.text_column not in raw.column_names:
+        raise ValueError(
+            f"--text-column {args.text_column!r} is not a column of the dataset "
+            f"(columns: {raw.column_names})."
+        )
+    eos = tokenizer.eos_token_id
 
-        def tokenize(batch: dict[str, list]) -> dict[str, list]:
-            ids = tokenizer(batch[args.text_column], add_special_tokens=True)["input_ids"]
-            return {"input_ids": [x + [eos] if eos is not None else x for x in ids]}
+    def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        ids = tokenizer(batch[args.text_column], add_special_tokens=True)["input_ids"]
+        return {"input_ids": [x + [eos] if eos is not None else x for x in ids]}
 
-        ds = raw.map(tokenize, batched=True, remove_columns=raw.column_names, desc="tokenize")
-    cap = args.max_tokens
+    ds = raw.map(tokenize, batched=True, remove_columns=raw.column_names, desc="tokenize")
     ds = ds.map(lambda ex: {"input_ids": ex["input_ids"][:cap]}, desc="truncate")
     ds = ds.filter(lambda ex: len(ex["input_ids"]) >= 2, desc="drop one-token documents")
     if len(ds) == 0:

@@ -295,3 +295,17 @@ def test_recipe_bf16_mixed_precision(monkeypatch):
     err_flex = (got["flex"] - expect).abs().max()
     err_eager = (got["eager"] - expect).abs().max()
     assert 0 < err_eager and err_flex <= 2 * err_eager + 1e-4, (err_flex, err_eager)
+
+
+def test_synthetic_documents_need_no_datasets(monkeypatch):
+    """Without `datasets` installed, --synthetic-docs gives the same documents and rows."""
+    args = recipe.parse_args(_args())
+    args.vocab_size = TINY["vocab_size"]
+    with_ds = recipe.load_documents(args)
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    plain = recipe.load_documents(args)
+    assert len(plain) == len(with_ds) and plain["input_ids"] == with_ds["input_ids"]
+    assert plain[3] == with_ds[3]
+    assert list(recipe.make_dataloader(args, plain).batch_sampler) == list(
+        recipe.make_dataloader(args, with_ds).batch_sampler
+    )
