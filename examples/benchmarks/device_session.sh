@@ -21,9 +21,9 @@ triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_dev
 
 case "${1:-tests}" in
 tests)
-    timeout 150 python3 -m pytest -q -m cuda tests/test_triton_backend.py tests/test_decode.py \
+    timeout 330 python3 -m pytest -q -m cuda tests/test_triton_backend.py tests/test_decode.py \
         tests/test_block_mask.py 2>&1 | tee "$OUT/cuda_kernels.log" | tail -15
-    HF_FLEXATTN_TEST_DEVICE=cuda HF_FLEXATTN_BACKEND=triton timeout 400 python3 -m pytest -q -x \
+    HF_FLEXATTN_TEST_DEVICE=cuda HF_FLEXATTN_BACKEND=triton timeout 260 python3 -m pytest -q -x \
         --timeout 300 tests/test_transformers.py 2>&1 | tee "$OUT/cuda_transformers.log" | tail -25
     ;;
 train)
