@@ -334,6 +334,18 @@ def make_dataloader(args: argparse.Namespace, ds: Any) -> torch.utils.data.DataL
 # --------------------------------------------------------------------------------------------
 # training
 # --------------------------------------------------------------------------------------------
+def make_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW with ``--weight-decay`` on matrices only (not on norms and biases)."""
+    params = list(model.parameters())
+    return torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=args.lr,
+    )
+
+
 def _steps(args: argparse.Namespace, rows_per_process: int) -> int:
     per_epoch = rows_per_process // args.grad_accum
     if per_epoch == 0 and not args.max_steps:
@@ -380,15 +392,7 @@ def train(args: argparse.Namespace) -> list[dict[str, Any]]:
     loader = make_dataloader(args, ds)
     sampler = loader.batch_sampler  # the PackSampler (prepare wraps it per process)
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": args.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=args.lr,
-    )
+    optimizer = make_optimizer(args, model)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     steps = _steps(args, len(loader))
     scheduler = get_scheduler(

@@ -155,13 +155,7 @@ def _reference_run(args, steps: int) -> tuple[list[float], torch.nn.Module]:
     loader = recipe.make_dataloader(ref_args, ds)
     rows = list(loader.batch_sampler)
     assert len(rows) >= steps * ref_args.grad_accum, "the reference runs inside one epoch"
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": ref_args.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=ref_args.lr,
-    )
+    opt = recipe.make_optimizer(ref_args, model)
     sched = get_scheduler(ref_args.lr_scheduler, opt, num_warmup_steps=ref_args.warmup_steps,
                           num_training_steps=steps)
     F = torch.nn.functional
