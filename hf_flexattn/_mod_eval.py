@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -96,8 +96,18 @@ class _GetItemToIndex(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _NotBroadcastable(Exception):
+    """Raised by :class:`_BroadcastGuard` to stop a broadcast evaluation at the first op
+    whose broadcast meaning differs from vmap's."""
+
+
 class _BroadcastGuard(TorchFunctionMode):
-    """Watch a broadcast evaluation; ``safe`` stays True only if it matches vmap."""
+    """Watch a broadcast evaluation; ``safe`` stays True only if it matches vmap.
+
+    The first op that breaks the match stops the evaluation (it is not run): under
+    broadcasting it could index out of bounds, which on CUDA is a device-side assert that
+    poisons the context rather than a Python error.
+    """
 
     def __init__(self, inputs: tuple[torch.Tensor, ...]) -> None:
         super().__init__()
@@ -106,10 +116,11 @@ class _BroadcastGuard(TorchFunctionMode):
         self._derived: set[int] = {id(t) for t in inputs}
         self._keep: list[torch.Tensor] = list(inputs)
 
-    def _fail(self, why: str) -> None:
+    def _fail(self, why: str) -> NoReturn:
         if self.safe:
             self.safe = False
             self.reason = why
+        raise _NotBroadcastable(why)
 
     def _mark(self, out: Any) -> None:
         if isinstance(out, torch.Tensor):
@@ -131,28 +142,23 @@ class _BroadcastGuard(TorchFunctionMode):
             idx_t = idx if isinstance(idx, tuple) else (idx,)
             if id(x) in self._derived:
                 self._fail("indexes a computed tensor")
-            elif len(idx_t) != x.dim() or not all(
+            if len(idx_t) != x.dim() or not all(
                 (isinstance(i, int) and not isinstance(i, bool))
                 or (isinstance(i, torch.Tensor) and not i.dtype.is_floating_point
                     and i.dtype != torch.bool)
                 for i in idx_t
             ):
                 self._fail("indexes a captured tensor only partly")
-            else:
-                ind = [
-                    i if isinstance(i, torch.Tensor)
-                    else torch.tensor(i, dtype=torch.long, device=x.device)
-                    for i in idx_t
-                ]
-                try:
-                    ind = list(torch.broadcast_tensors(*ind))
-                except RuntimeError:
-                    self._fail("index shapes do not broadcast")
-                    return func(*args, **kwargs)
-                out = torch.ops.aten.index(x, ind)
-                self._mark(out)
-                return out
-            out = func(*args, **kwargs)
+            ind = [
+                i if isinstance(i, torch.Tensor)
+                else torch.tensor(i, dtype=torch.long, device=x.device)
+                for i in idx_t
+            ]
+            try:
+                ind = list(torch.broadcast_tensors(*ind))
+            except RuntimeError:
+                self._fail("index shapes do not broadcast")
+            out = torch.ops.aten.index(x, ind)
             self._mark(out)
             return out
         if name not in _TENSOR_DUNDERS and name not in _ELEMENTWISE_NAMES:

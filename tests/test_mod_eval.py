@@ -60,6 +60,24 @@ def test_broadcast_path_taken_only_when_safe():
     assert interval_mask.__code__ in _NEEDS_VMAP
 
 
+def test_broadcast_attempt_stops_at_the_first_unsafe_op():
+    # partial indexing, then an index that is out of range under broadcasting (rows of
+    # length 1): that index must never run (on CUDA it is a device-side assert, not an error)
+    table = torch.randn(3, 5, dtype=torch.float64)
+    seen = []
+
+    def row_bias(score, b, h, q, kv):
+        row = table[h]
+        seen.append(tuple(row.shape))
+        return score + row[(q - kv) % 5]
+
+    s = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    out = eval_score_mod(row_bias, s, ar(1), ar(3), ar(6), ar(6))
+    assert seen == [(5,)]  # only vmap's evaluation got past `table[h]`
+    rel = (ar(6)[:, None] - ar(6)[None, :]) % 5
+    torch.testing.assert_close(out, s + table[:, rel][None])
+
+
 def test_score_mod_values_and_grad():
     table = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
 
