@@ -28,6 +28,7 @@ _KNOWN_OPTIONS = {
     "backend", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages",
     "bwd_BLOCK_M", "bwd_BLOCK_N", "bwd_num_warps", "bwd_num_stages",
     "bwd_dq_BLOCK_M", "bwd_dq_BLOCK_N", "bwd_dq_num_warps", "bwd_dq_num_stages",
+    "bwd_fused",
     "chunk_columns", "decode", "split_kv",
 }
 

@@ -27,11 +27,16 @@ Constexpr fast paths: ``EVEN_M``/``EVEN_N`` (every row/column a kernel touches l
 stores and of the full tiles' ``where``.
 
 The two kernels have separate block configs (:class:`BwdConfig`): dK/dV wants a small
-``BLOCK_M`` and a big ``BLOCK_N``, dQ the opposite.
+``BLOCK_M`` and a big ``BLOCK_N``, dQ the opposite. Each is a ``@triton.jit`` tile function
+(``_dkdv_tile``, ``_dq_tile``) with a kernel of its own around it; ``flex_bwd_kernel`` runs
+both in ONE launch (grid ``(kv tiles + GROUP * q tiles, B * Hkv)``, the dK/dV programs
+first), so the dQ programs fill the SMs the dK/dV tail leaves idle. That needs the same
+``num_warps``/``num_stages`` for both and is the default when they agree.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from string import Template
@@ -64,6 +69,8 @@ class BwdConfig:
 
     dkdv: FwdConfig
     dq: FwdConfig
+    #: one launch for both (``flex_bwd_kernel``); needs equal ``num_warps`` and ``num_stages``
+    fused: bool = False
 
 
 @triton.jit
@@ -161,7 +168,9 @@ def choose_bwd_config(
 ) -> BwdConfig:
     """Default configs, overridden by ``kernel_options``: ``bwd_BLOCK_M``, ``bwd_BLOCK_N``,
     ``bwd_num_warps``, ``bwd_num_stages`` for dK/dV and ``bwd_dq_*`` for dQ; block sizes are
-    fitted to the BlockMask's (``BLOCK_M | Q_BLOCK``, ``BLOCK_N | KV_BLOCK``)."""
+    fitted to the BlockMask's (``BLOCK_M | Q_BLOCK``, ``BLOCK_N | KV_BLOCK``).
+    ``bwd_fused``: one launch for both kernels (default: whenever their warps and stages
+    agree)."""
     base = default_bwd_config(capability, dtype, head_dim)
     cfgs = []
     for prefix, dflt in (("bwd_", base.dkdv), ("bwd_dq_", base.dq)):
@@ -173,12 +182,26 @@ def choose_bwd_config(
         cfgs.append(
             choose_config(capability, dtype, head_dim, q_len, q_block, kv_block, opts, prefix)
         )
-    return BwdConfig(*cfgs)
+    same = cfgs[0].num_warps == cfgs[1].num_warps and cfgs[0].num_stages == cfgs[1].num_stages
+    fused = options.get("bwd_fused")
+    if fused is None:
+        fused = same
+    elif not isinstance(fused, bool):
+        raise ValueError(f'kernel_options["bwd_fused"] must be a bool or None, got {fused!r}.')
+    elif fused and not same:
+        raise ValueError(
+            'kernel_options["bwd_fused"]=True needs the same num_warps and num_stages for dK/dV '
+            f"and dQ, got {cfgs[0].num_warps}/{cfgs[0].num_stages} and "
+            f"{cfgs[1].num_warps}/{cfgs[1].num_stages}; set bwd_dq_num_warps/bwd_dq_num_stages "
+            "to match bwd_num_warps/bwd_num_stages, or bwd_fused=False."
+        )
+    return BwdConfig(*cfgs, fused)
 
 
 _DKDV = """
 @triton.jit
-def flex_bwd_dkdv_kernel(
+def _dkdv_tile(
+    pid_n, pid_bh,
     Q, K, V, DO, LSE2, DELTA, DK, DV,
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
@@ -196,8 +219,6 @@ $params
     HAS_FULL: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
     b = pid_bh // HKV
     hkv = pid_bh % HKV
     start_n = pid_n * BLOCK_N
@@ -290,7 +311,8 @@ $grad_body$where_gs$I            dk = tl.dot(gs.to(qT.dtype), tl.trans(qT), dk$p
 
 _DQ = """
 @triton.jit
-def flex_bwd_dq_kernel(
+def _dq_tile(
+    pid_m, pid_bh,
     Q, K, V, DO, LSE2, DELTA, DQ,
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
@@ -307,8 +329,6 @@ $params
     HAS_FULL: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     hkv = h // GROUP
@@ -464,8 +484,73 @@ def _loop(
     )
 
 
+_INDEX_STRIDES = ("s_nb", "s_nh", "s_nq", "s_ib", "s_ih", "s_iq", "s_ik")
+_PER_KERNEL = ("BLOCK_M", "BLOCK_N", "EVEN_M", "EVEN_N")
+
+
+def _fused_names(part: str) -> dict[str, str]:
+    """Parameter renames from a tile function (``"dkdv"``/``"dq"``) into the fused kernel,
+    where the two sides' block lists, block sizes and fast-path flags stand side by side."""
+    side, num = ("q", "1") if part == "dkdv" else ("kv", "2")
+    ren = {n: f"{side}{n}" for n in _INDEX_STRIDES}
+    ren.update({n.replace("s_", "s_f", 1): f"{side}{n.replace('s_', 's_f', 1)}"
+                for n in _INDEX_STRIDES})
+    ren.update({n: n + num for n in _PER_KERNEL})
+    ren["HAS_FULL"] = "HAS_FULL_Q" if part == "dkdv" else "HAS_FULL_KV"
+    return ren
+
+
+def _signature(src: str, fn: str) -> list[str]:
+    """The parameters of ``def fn(...)`` in ``src`` as written (``"E: tl.constexpr"``), minus
+    the two program ids."""
+    start = src.index(f"def {fn}(") + len(fn) + 5
+    params = [p.strip() for p in src[start: src.index("\n):", start)].split(",")]
+    return [p for p in params if p and p not in ("pid_n", "pid_bh", "pid_m")]
+
+
+def _wrappers(src: str) -> str:
+    """The kernels around the tile functions: one per side (grid ``(tiles, B * heads)``) and
+    the fused one (grid ``(kv tiles + GROUP * q tiles, B * Hkv)``: dK/dV programs first,
+    then the dQ programs of each q head of the group)."""
+    out = []
+    sigs = {}
+    for part, fn, kernel in (("dkdv", "_dkdv_tile", "flex_bwd_dkdv_kernel"),
+                             ("dq", "_dq_tile", "flex_bwd_dq_kernel")):
+        sig = sigs[part] = _signature(src, fn)
+        names = ", ".join(p.split(":")[0] for p in sig)
+        out.append(
+            f"\n@triton.jit\ndef {kernel}(\n    {', '.join(sig)},\n):\n"
+            f"    {fn}(tl.program_id(0), tl.program_id(1), {names})\n"
+        )
+    fused: dict[str, str] = {}
+    calls = {}
+    for part in ("dkdv", "dq"):
+        ren = _fused_names(part)
+        args = []
+        for p in sigs[part]:
+            name, _, ann = p.partition(":")
+            new = ren.get(name, name)
+            fused.setdefault(new, f"{new}:{ann}" if ann else new)
+            args.append(new)
+        calls[part] = ", ".join(args)
+    params = ", ".join(["NKV_TILES", "NQ_TILES", *fused.values()])
+    out.append(
+        f"\n@triton.jit\ndef flex_bwd_kernel(\n    {params},\n):\n"
+        "    pid = tl.program_id(0)\n"
+        "    pid_bkv = tl.program_id(1)\n"
+        "    if pid < NKV_TILES:\n"
+        f"        _dkdv_tile(pid, pid_bkv, {calls['dkdv']})\n"
+        "    else:\n"
+        "        off = pid - NKV_TILES\n"
+        "        h = (pid_bkv % HKV) * GROUP + off // NQ_TILES\n"
+        f"        _dq_tile(off % NQ_TILES, (pid_bkv // HKV) * H + h, {calls['dq']})\n"
+    )
+    return "".join(out)
+
+
 def render_bwd(score_code: Any, mask_code: Any, dtype: torch.dtype) -> str:
-    """Source of the dK/dV and dQ kernels for this pair of mods."""
+    """Source of the backward kernels for this pair of mods: the tile functions
+    ``_dkdv_tile``/``_dq_tile``, a kernel for each and the fused ``flex_bwd_kernel``."""
     prec = dot_precision(dtype)
     params = render_params(
         list(score_code.params) + list(mask_code.params) + list(score_code.grad_params)
@@ -486,14 +571,24 @@ def render_bwd(score_code: Any, mask_code: Any, dtype: torch.dtype) -> str:
         params=params, partial_loop=loops["dq"][0], full_loop=loops["dq"][1]
     )
     header = Template(_HEADER).substitute(family="flex_bwd", log2e=repr(LOG2E), ln2=repr(LN2))
-    return header + dkdv + dq
+    return header + dkdv + dq + _wrappers(dkdv + dq)
 
 
-def get_kernels(score_code: Any, mask_code: Any, dtype: torch.dtype) -> tuple[Any, Any]:
-    """(dK/dV kernel, dQ kernel) for this pair of mods, rendered once per structure."""
-    key = ("flex_bwd", 2, score_code.key, mask_code.key, str(dtype), dot_precision(dtype))
+def get_kernels(score_code: Any, mask_code: Any, dtype: torch.dtype) -> tuple[Any, Any, Any]:
+    """(dK/dV kernel, dQ kernel, fused kernel) for this pair of mods, rendered once per
+    structure."""
+    key = ("flex_bwd", 3, score_code.key, mask_code.key, str(dtype), dot_precision(dtype))
     mod = load_rendered("flex_bwd", key, lambda: render_bwd(score_code, mask_code, dtype))
-    return mod.flex_bwd_dkdv_kernel, mod.flex_bwd_dq_kernel
+    return mod.flex_bwd_dkdv_kernel, mod.flex_bwd_dq_kernel, mod.flex_bwd_kernel
+
+
+def _named(kernel: Any, values: list) -> dict[str, Any]:
+    """``values`` (the kernel's runtime arguments, in order) keyed by parameter name."""
+    params = inspect.signature(kernel.fn).parameters.values()
+    names = [p.name for p in params if "constexpr" not in str(p.annotation)]
+    if len(names) != len(values):  # pragma: no cover - a template/launcher mismatch
+        raise RuntimeError(f"{kernel.__name__}: {len(values)} arguments for {len(names)}")
+    return dict(zip(names, values))
 
 
 def launch_bwd(
@@ -528,7 +623,7 @@ def launch_bwd(
     (a single :class:`FwdConfig` is used for both kernels). ``cfg.dkdv.BLOCK_N`` and
     ``cfg.dq.BLOCK_N`` must divide ``kv_block``, the ``BLOCK_M``s must divide ``q_block``."""
     if isinstance(cfg, FwdConfig):
-        cfg = BwdConfig(cfg, cfg)
+        cfg = BwdConfig(cfg, cfg, True)
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     # laid out like their inputs (dense inputs keep their strides), as the fake op says
@@ -558,7 +653,7 @@ def launch_bwd(
         BLOCK_M=bm_pre,
         EV_PAD=ev_pad,
     )
-    dkdv_kernel, dq_kernel = get_kernels(score_code, mask_code, q.dtype)
+    dkdv_kernel, dq_kernel, fused_kernel = get_kernels(score_code, mask_code, q.dtype)
     big = needs_int64(
         (L, q.stride(2)),
         (S, k.stride(2)),
@@ -579,71 +674,50 @@ def launch_bwd(
     )
     mod_args = [*score_code.runtime_args(), *mask_code.runtime_args(), *grad_buffers]
     c1, c2 = cfg.dkdv, cfg.dq
-    has_full_q = full_q_num is not None and full_q_idx is not None
-    dkdv_kernel[(math.ceil(S / c1.BLOCK_N), B * Hkv)](
-        q,
-        k,
-        v,
-        dout,
-        lse2,
-        delta,
-        dk,
-        dv,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *dout.stride(),
-        *dk.stride(),
-        *dv.stride(),
+    dkdv_pos = [
+        q, k, v, dout, lse2, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         *index_args(q_num, q_idx, B, H, (q_num, q_idx)),
         *index_args(full_q_num, full_q_idx, B, H, (q_num, q_idx)),
-        H,
-        Hkv,
-        L,
-        lp,
-        S,
-        H // Hkv,
-        float(scale),
-        *mod_args,
-        HAS_FULL=has_full_q,
+        H, Hkv, L, lp, S, H // Hkv, float(scale), *mod_args,
+    ]
+    dkdv_args = _named(dkdv_kernel, dkdv_pos)
+    dkdv_args.update(
+        HAS_FULL=full_q_num is not None and full_q_idx is not None,
         BLOCK_M=c1.BLOCK_M,
         BLOCK_N=c1.BLOCK_N,
         EVEN_M=L % q_block == 0,  # every q sub-tile of a listed q-block lies inside L
         EVEN_N=S % c1.BLOCK_N == 0,
-        num_warps=c1.num_warps,
-        num_stages=c1.num_stages,
         **common,
     )
-    has_full_kv = full_kv_num is not None and full_kv_idx is not None
-    dq_kernel[(math.ceil(L / c2.BLOCK_M), B * H)](
-        q,
-        k,
-        v,
-        dout,
-        lse2,
-        delta,
-        dq,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *dout.stride(),
-        *dq.stride(),
+    dq_pos = [
+        q, k, v, dout, lse2, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
         *index_args(kv_num, kv_idx, B, H, (kv_num, kv_idx)),
         *index_args(full_kv_num, full_kv_idx, B, H, (kv_num, kv_idx)),
-        H,
-        L,
-        lp,
-        S,
-        H // Hkv,
-        float(scale),
-        *mod_args,
-        HAS_FULL=has_full_kv,
+        H, L, lp, S, H // Hkv, float(scale), *mod_args,
+    ]
+    dq_args = _named(dq_kernel, dq_pos)
+    dq_args.update(
+        HAS_FULL=full_kv_num is not None and full_kv_idx is not None,
         BLOCK_M=c2.BLOCK_M,
         BLOCK_N=c2.BLOCK_N,
         EVEN_M=L % c2.BLOCK_M == 0,
         EVEN_N=S % kv_block == 0,  # every kv sub-tile of a listed kv-block lies inside S
-        num_warps=c2.num_warps,
-        num_stages=c2.num_stages,
         **common,
     )
+    n_kv, n_q = math.ceil(S / c1.BLOCK_N), math.ceil(L / c2.BLOCK_M)
+    if cfg.fused:
+        args = {"NKV_TILES": n_kv, "NQ_TILES": n_q}
+        for part, vals in (("dkdv", dkdv_args), ("dq", dq_args)):
+            ren = _fused_names(part)
+            args.update((ren.get(n, n), x) for n, x in vals.items())
+        fused_kernel[(n_kv + (H // Hkv) * n_q, B * Hkv)](
+            **args, num_warps=c1.num_warps, num_stages=c1.num_stages
+        )
+    else:
+        dkdv_kernel[(n_kv, B * Hkv)](
+            **dkdv_args, num_warps=c1.num_warps, num_stages=c1.num_stages
+        )
+        dq_kernel[(n_q, B * H)](**dq_args, num_warps=c2.num_warps, num_stages=c2.num_stages)
     return dq, dk, dv

@@ -8,6 +8,7 @@ below (same interface) are used for the test mods of this file.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 
@@ -350,9 +351,11 @@ _ASYM = {"bwd_BLOCK_M": 16, "bwd_BLOCK_N": 32, "bwd_dq_BLOCK_M": 32, "bwd_dq_BLO
     ],
     ids=["even", "ragged_kv", "ragged_q_pad_d"],
 )
-def test_even_and_ragged_shapes_asymmetric_bwd_tiles(L, S, E, Ev, block):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_launches"])
+def test_even_and_ragged_shapes_asymmetric_bwd_tiles(L, S, E, Ev, block, fused):
     # learnable capture (atomics in the transposed dK/dV kernel, on full and partial tiles),
-    # GQA, dK/dV tiles 16 x 32 and dQ tiles 32 x 16 (separate configs), sub-tiling
+    # GQA, dK/dV tiles 16 x 32 and dQ tiles 32 x 16 (separate configs), sub-tiling; the
+    # backward as one launch or as two
     slope = torch.tensor([0.05, -0.02, 0.1, 0.03], device=DEV, requires_grad=True)
     _run_case(
         1,
@@ -366,7 +369,7 @@ def test_even_and_ragged_shapes_asymmetric_bwd_tiles(L, S, E, Ev, block):
         mask_mod=causal(S - L if S > L else 0),
         params=[slope],
         block=block,
-        kernel_options=dict(_ASYM, BLOCK_M=32, BLOCK_N=16),
+        kernel_options=dict(_ASYM, BLOCK_M=32, BLOCK_N=16, bwd_fused=fused),
     )
 
 
@@ -433,14 +436,28 @@ def test_bwd_config_defaults_and_overrides():
         flex_bwd.choose_bwd_config((9, 0), bf16, 128, 128, 128, 128, {"bwd_dq_num_warps": 0})
 
 
+def test_bwd_fused_option():
+    from hf_flexattn.kernels import flex_bwd
+
+    choose = functools.partial(flex_bwd.choose_bwd_config, (9, 0), torch.bfloat16, 128, 8192,
+                               128, 128)
+    assert choose({}).fused  # the defaults' warps and stages agree: one launch
+    assert not choose({"bwd_fused": False}).fused
+    assert not choose({"bwd_num_warps": 4}).fused  # they differ: two launches
+    with pytest.raises(ValueError, match=r"bwd_fused.*bwd_dq_num_warps"):
+        choose({"bwd_fused": True, "bwd_num_warps": 4})
+    with pytest.raises(ValueError, match="must be a bool"):
+        choose({"bwd_fused": 1})
+
+
 def test_dkdv_kernel_transposes_no_register_tiles():
     # the dK/dV kernel works on [BLOCK_N, BLOCK_M] tiles: only loaded operands (dO, qT) are
     # transposed, never P or dS
     from hf_flexattn.kernels import flex_bwd
 
     src = flex_bwd.render_bwd(_render.NoScoreMod(), _render.NoMaskMod(), torch.bfloat16)
-    dkdv = src[src.index("def flex_bwd_dkdv_kernel") : src.index("def flex_bwd_dq_kernel")]
-    dq = src[src.index("def flex_bwd_dq_kernel") :]
+    dkdv = src[src.index("def _dkdv_tile") : src.index("def _dq_tile")]
+    dq = src[src.index("def _dq_tile") : src.index("def flex_bwd_dkdv_kernel")]
     assert set(re.findall(r"tl\.trans\((\w+)\)", dkdv)) == {"do", "qT"}
     assert set(re.findall(r"tl\.trans\((\w+)\)", dq)) == {"kT"}
 

@@ -35,6 +35,11 @@ FWD = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64
 DKDV = [(64, 128, 8, 3), (64, 128, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2),
         (32, 64, 4, 3)]
 DQ = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 3)]
+# the backward as one launch (default when both kernels' warps and stages agree) or two
+FUSED = [("two launches", {"bwd_fused": False}),
+         ("fused, dkdv 32x64", {"bwd_fused": True, "bwd_BLOCK_M": 32, "bwd_BLOCK_N": 64}),
+         ("fused, dkdv 64x64", {"bwd_fused": True, "bwd_BLOCK_M": 64, "bwd_BLOCK_N": 64})]
+KINDS = ("fwd", "dkdv", "dq", "fused")
 QUICK = [(16, 16, 4, 1), (32, 16, 4, 1)]
 
 
@@ -134,13 +139,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         diff = _maxdiff(got, ref_out) if ref_out is not None else float("nan")
         record(kind, label, f_ms, t_ms, diff)
 
+    kinds = set(args.kinds.split(","))
     measure("default", "default", {}, True)
-    for cfg in QUICK if args.quick else FWD:
-        measure("fwd", _cfg_label(cfg), _opts("", cfg), False)
-    for cfg in QUICK if args.quick else DKDV:
-        measure("bwd_dkdv", _cfg_label(cfg), _opts("bwd_", cfg), True)
-    for cfg in QUICK if args.quick else DQ:
-        measure("bwd_dq", _cfg_label(cfg), _opts("bwd_dq_", cfg), True)
+    if "fwd" in kinds:
+        for cfg in QUICK if args.quick else FWD:
+            measure("fwd", _cfg_label(cfg), _opts("", cfg), False)
+    if "dkdv" in kinds:
+        for cfg in QUICK if args.quick else DKDV:
+            measure("bwd_dkdv", _cfg_label(cfg), _opts("bwd_", cfg), True)
+    if "dq" in kinds:
+        for cfg in QUICK if args.quick else DQ:
+            measure("bwd_dq", _cfg_label(cfg), _opts("bwd_dq_", cfg), True)
+    if "fused" in kinds:
+        for label, opts in FUSED[:1] if args.quick else FUSED:
+            measure("bwd_fused", label, opts, True)
     header = {
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
         "torch": torch.__version__, "heads": args.heads, "tokens": L, "documents": len(lens),
@@ -166,7 +178,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-torch", action="store_true", help="skip torch's flex_attention")
     p.add_argument("--quick", action="store_true", help="tiny shape and configs (CPU ok)")
     p.add_argument("--json", help="write the rows here")
+    p.add_argument("--kinds", default=",".join(KINDS),
+                   help=f"what to sweep besides the defaults: a comma list of {KINDS}")
     args = p.parse_args(argv)
+    unknown = set(args.kinds.split(",")) - set(KINDS)
+    if unknown:
+        p.error(f"unknown --kinds {sorted(unknown)}; choose from {KINDS}")
     if args.quick:
         args.heads, args.tokens, args.doc_min, args.doc_max, args.block = "2/1/16", 96, 8, 40, 32
     res = run(args)
