@@ -7,6 +7,7 @@
 #   bash examples/benchmarks/device_session.sh recipe     # recipes/packed_finetune.py: 1 GPU, FSDP2
 #   bash examples/benchmarks/device_session.sh sweep      # kernel configs on the training shape
 #   bash examples/benchmarks/device_session.sh bwd        # fused vs two-launch backward, 3 shapes
+#   bash examples/benchmarks/device_session.sh profile    # GPU time of our training step by kernel
 #
 # Logs and results go to $OUT (the device tool brings that folder back), or ./device_out.
 set -uo pipefail
@@ -63,7 +64,8 @@ sweep)
         --json "$OUT/sweep_8k.json" 2>&1 | tee "$OUT/sweep_8k.log"
     ;;
 bwd)
-    timeout 200 python3 -m pytest -q tests/test_triton_backend.py 2>&1 \
+    # the whole file on CUDA takes 150-200 s on the H200
+    timeout 260 python3 -m pytest -q tests/test_triton_backend.py 2>&1 \
         | tee "$OUT/cuda_triton_backend.log" | tail -5
     C="--heads 32/32/128 --tokens 8192 --doc-min 8192 --doc-max 8192"
     for shape in "train --heads 16/8/128" "causal8k $C" "docs8k --heads 64/8/128 --tokens 8192"; do
@@ -75,7 +77,11 @@ bwd)
     timeout 150 python3 -m hf_flexattn.bench_e2e --skip-generate --impls flex --time-budget 120 \
         --out "$OUT/train_flex" 2>&1 | tee "$OUT/train_flex.log" | tail -8
     ;;
+profile)
+    timeout 120 python3 examples/benchmarks/profile_train_step.py --top 25 2>&1 \
+        | tee "$OUT/profile_flex.log" | tail -32
+    ;;
 *)
-    echo "unknown stage $1 (tests, train, generate, recipe, sweep, bwd)"; exit 2
+    echo "unknown stage $1 (tests, train, generate, recipe, sweep, bwd, profile)"; exit 2
     ;;
 esac
