@@ -23,7 +23,7 @@ import torch
 
 from ._render import interpreter_on
 
-__all__ = ["Launcher"]
+__all__ = ["Launcher", "check_grid"]
 
 _logger = logging.getLogger(__name__)
 _MAX_KEYS = 256
@@ -34,6 +34,20 @@ stats = {"triton": 0, "direct": 0}
 
 
 _KNOBS: list = []
+
+
+MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z dimensions
+
+
+def check_grid(B: int, H: int) -> None:
+    """ValueError unless batch ``B`` and heads ``H`` fit the kernels' grids (y = heads,
+    z = batch)."""
+    if B > MAX_GRID_YZ or H > MAX_GRID_YZ:
+        raise ValueError(
+            f"the Triton kernels take at most {MAX_GRID_YZ} batch entries and {MAX_GRID_YZ} "
+            f"heads per call (CUDA grid limits), got batch {B} and {H} heads; split the batch "
+            "into chunks, or use kernel_options={'backend': 'torch'}."
+        )
 
 
 def _knobs() -> Any:

@@ -3,7 +3,7 @@
 * Pre-pass: ``delta = rowsum(dO * O) - dLSE`` and ``lse2 = lse * log2(e)`` (0 where
   ``lse = -inf``), both fp32 ``[B, Hq, LP]`` with ``LP = cdiv(L, Q_BLOCK) * Q_BLOCK``; rows
   ``>= L`` hold 0, so the main kernels read them without masks.
-* dK/dV: grid ``(cdiv(S, BLOCK_N), B * Hkv)``. A program owns ``BLOCK_N`` kv rows of one sparse
+* dK/dV: grid ``(cdiv(S, BLOCK_N), Hkv, B)``. A program owns ``BLOCK_N`` kv rows of one sparse
   kv-block and walks the q-side lists (``q_num_blocks/q_indices``: partial, mask_mod applied;
   ``full_q_*``: full) for every q head of its GQA group, so dK/dV need no atomics. It works in
   the TRANSPOSED orientation: ``sT = k @ qT`` is ``[BLOCK_N, BLOCK_M]`` (q loaded as
@@ -13,7 +13,7 @@
   emitted for that orientation (``transposed=True``: ``q_idx [1, BM]``, ``kv_idx [BN, 1]``).
   Gradients of tensors captured by score_mod are accumulated here (atomic adds inside the
   mod's ``bwd_body``, into fp32 buffers).
-* dQ: grid ``(cdiv(L, BLOCK_M), B * Hq)``, walks the kv-side lists like the forward, with
+* dQ: grid ``(cdiv(L, BLOCK_M), Hq, B)``, walks the kv-side lists like the forward, with
   ``kT``/``vT`` loaded transposed from memory (``s = q @ kT``, ``dp = dO @ vT``,
   ``dq += dS @ kT^T``). Its copy of the mod's backward has the capture atomics stripped.
 
@@ -29,7 +29,7 @@ stores and of the full tiles' ``where``.
 The two kernels have separate block configs (:class:`BwdConfig`): dK/dV wants a small
 ``BLOCK_M`` and a big ``BLOCK_N``, dQ the opposite. Each is a ``@triton.jit`` tile function
 (``_dkdv_tile``, ``_dq_tile``) with a kernel of its own around it; ``flex_bwd_kernel`` runs
-both in ONE launch (grid ``(kv tiles + GROUP * q tiles, B * Hkv)``, the dK/dV programs
+both in ONE launch (grid ``(kv tiles + GROUP * q tiles, Hkv, B)``, the dK/dV programs
 first), so the dQ programs fill the SMs the dK/dV tail leaves idle. That needs the same
 ``num_warps``/``num_stages`` for both and is the default when they agree.
 """
@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import check_grid
 from ._render import interpreter_on, load_rendered
 from .flex_fwd import (
     _HEADER,
@@ -98,9 +99,9 @@ def flex_bwd_pre_kernel(
     EV_PAD: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    pid_bh = tl.program_id(2) * H + tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, EV_PAD)
     m_ok = offs_m < L
@@ -510,17 +511,17 @@ def _signature(src: str, fn: str) -> list[str]:
 
 def _wrappers(src: str) -> str:
     """The kernels around the tile functions: one per side (grid ``(tiles, B * heads)``) and
-    the fused one (grid ``(kv tiles + GROUP * q tiles, B * Hkv)``: dK/dV programs first,
+    the fused one (grid ``(kv tiles + GROUP * q tiles, Hkv, B)``: dK/dV programs first,
     then the dQ programs of each q head of the group)."""
     out = []
     sigs = {}
-    for part, fn, kernel in (("dkdv", "_dkdv_tile", "flex_bwd_dkdv_kernel"),
-                             ("dq", "_dq_tile", "flex_bwd_dq_kernel")):
+    for part, fn, kernel, heads in (("dkdv", "_dkdv_tile", "flex_bwd_dkdv_kernel", "HKV"),
+                                    ("dq", "_dq_tile", "flex_bwd_dq_kernel", "H")):
         sig = sigs[part] = _signature(src, fn)
         names = ", ".join(p.split(":")[0] for p in sig)
         out.append(
             f"\n@triton.jit\ndef {kernel}(\n    {', '.join(sig)},\n):\n"
-            f"    {fn}(tl.program_id(0), tl.program_id(1), {names})\n"
+            f"    {fn}(tl.program_id(0), tl.program_id(2) * {heads} + tl.program_id(1), {names})\n"
         )
     fused: dict[str, str] = {}
     calls = {}
@@ -537,7 +538,7 @@ def _wrappers(src: str) -> str:
     out.append(
         f"\n@triton.jit\ndef flex_bwd_kernel(\n    {params},\n):\n"
         "    pid = tl.program_id(0)\n"
-        "    pid_bkv = tl.program_id(1)\n"
+        "    pid_bkv = tl.program_id(2) * HKV + tl.program_id(1)\n"
         "    if pid < NKV_TILES:\n"
         f"        _dkdv_tile(pid, pid_bkv, {calls['dkdv']})\n"
         "    else:\n"
@@ -626,6 +627,7 @@ def launch_bwd(
         cfg = BwdConfig(cfg, cfg, True)
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    check_grid(B, H)
     # laid out like their inputs (dense inputs keep their strides), as the fake op says
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if L == 0 or S == 0 or B * H == 0:
@@ -636,7 +638,7 @@ def launch_bwd(
     lse2 = torch.empty((B, H, lp), dtype=torch.float32, device=q.device)
     dlse_c = dlse.float().contiguous() if dlse is not None else lse
     bm_pre = 16 if interpreter_on() else 64
-    flex_bwd_pre_kernel[(math.ceil(lp / bm_pre), B * H)](
+    flex_bwd_pre_kernel[(math.ceil(lp / bm_pre), H, B)](
         out,
         dout,
         lse,
@@ -712,12 +714,12 @@ def launch_bwd(
         for part, vals in (("dkdv", dkdv_args), ("dq", dq_args)):
             ren = _fused_names(part)
             args.update((ren.get(n, n), x) for n, x in vals.items())
-        fused_kernel[(n_kv + (H // Hkv) * n_q, B * Hkv)](
+        fused_kernel[(n_kv + (H // Hkv) * n_q, Hkv, B)](
             **args, num_warps=c1.num_warps, num_stages=c1.num_stages
         )
     else:
-        dkdv_kernel[(n_kv, B * Hkv)](
+        dkdv_kernel[(n_kv, Hkv, B)](
             **dkdv_args, num_warps=c1.num_warps, num_stages=c1.num_stages
         )
-        dq_kernel[(n_q, B * H)](**dq_args, num_warps=c2.num_warps, num_stages=c2.num_stages)
+        dq_kernel[(n_q, H, B)](**dq_args, num_warps=c2.num_warps, num_stages=c2.num_stages)
     return dq, dk, dv

@@ -12,7 +12,7 @@ keys. The regular forward kernel then has only ``B * Hq`` programs, each streami
   indices and are never stored.
 * splits the q-block's kv work list (partial blocks, then full blocks, each in
   ``KV_BLOCK // BLOCK_N`` sub-tiles) into ``num_splits`` contiguous ranges: grid
-  ``(num_splits, B * Hkv)``. Split ``s`` writes its normalised partial output and its
+  ``(num_splits, Hkv, B)``. Split ``s`` writes its normalised partial output and its
   log2-sum-exp to fp32 workspaces ``[B, Hq, L, num_splits, Ev]`` / ``[B, Hq, L, num_splits]``
   (``-inf`` and 0 for a split that saw nothing).
 * the last split of each ``(b, kv head)`` to finish (an arrival counter, atomically
@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from ._launch import _spec, launcher_for
+from ._launch import _spec, check_grid, launcher_for
 from ._layout import empty_like_query, query_order, strides_in_order
 from ._render import NoScoreMod, interpreter_on, load_rendered
 
@@ -176,9 +176,9 @@ $params
     EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, ONE_SPLIT: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hkv
-    hkv = pid_bh % Hkv
+    b = tl.program_id(2)
+    hkv = tl.program_id(1)
+    pid_bh = b * Hkv + hkv
     h0 = hkv * GROUP
     SUBS: tl.constexpr = KV_BLOCK // BLOCK_N
     r = tl.arange(0, BLOCK_M)
@@ -472,6 +472,7 @@ class DecodeTemplate:
     def __init__(self, q: torch.Tensor, Hkv: int, Ev: int, score_code: Any, scale: float,
                  kv_block: int, has_full: bool, kernel: Any) -> None:
         B, Hq, L, E = q.shape
+        check_grid(B, Hkv)
         self.B, self.Hq, self.L, self.Hkv, self.Ev = B, Hq, L, Hkv, Ev
         self.kv_block, self.has_full = kv_block, has_full
         self.dtype, self.device = q.dtype, q.device
@@ -518,7 +519,7 @@ class DecodeTemplate:
             num_stages=cfg.num_stages,
         )
         tail = self.out_q + kv + self.heads + sn + self.scale_score + margs
-        bound = self.launcher.bind((ns, B * Hkv), tail, cx, tail_spec=spec)
+        bound = self.launcher.bind((ns, Hkv, B), tail, cx, tail_spec=spec)
         return DecodePlan(
             bound, (B, Hq, self.L, self.Ev), self.dtype, self.device,
             (B, Hq, Hkv, self.L, ns, self.Ev), self.out_strides,

@@ -1,10 +1,12 @@
 """Forward kernel: block-sparse attention with inlined score_mod / mask_mod.
 
-Grid ``(cdiv(L, BLOCK_M), B * Hq)``. Each program owns ``BLOCK_M`` query rows inside one
-sparse q-block (``BLOCK_M`` divides ``Q_BLOCK``) and walks, from the BlockMask, first the
-PARTIAL kv blocks (mask_mod applied) and then the FULL kv blocks (mask_mod skipped), each in
-``KV_BLOCK // BLOCK_N`` sub-tiles. Scores are ``q.k * scale`` (what score_mod sees), then
-multiplied by ``log2(e)`` for an ``exp2`` online softmax with fp32 accumulators. Rows that see
+Grid ``(cdiv(L, BLOCK_M), Hq, B)``: heads and batch on the grid's y and z axes, each at most
+65535 (``_launch.check_grid`` refuses more before a launch). Each program owns ``BLOCK_M``
+query rows inside one sparse q-block (``BLOCK_M`` divides ``Q_BLOCK``) and walks, from the
+BlockMask, first the PARTIAL kv blocks (mask_mod applied) and then the FULL kv blocks
+(mask_mod skipped), each in ``KV_BLOCK // BLOCK_N`` sub-tiles. Scores are ``q.k * scale``
+(what score_mod sees), then multiplied by ``log2(e)`` for an ``exp2`` online softmax with
+fp32 accumulators. Rows that see
 nothing give ``out = 0`` and ``lse = -inf``; ``lse`` is natural log, fp32, ``[B, Hq, L]``
 contiguous. GQA: q head ``h`` reads kv head ``h // GROUP``. Positions ``q >= L`` or
 ``kv >= S`` never count. Head dims are padded to powers of two with masked loads.
@@ -25,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ._launch import launcher_for
+from ._launch import check_grid, launcher_for
 from ._layout import empty_like_query
 from ._render import interpreter_on, load_rendered
 
@@ -162,9 +164,9 @@ $params
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    b = tl.program_id(2)
+    h = tl.program_id(1)
+    pid_bh = b * H + h
     hkv = h // GROUP
     start_m = pid_m * BLOCK_M
     qblk = start_m // Q_BLOCK
@@ -363,6 +365,7 @@ def launch(
     q's dtype, stored in q's memory order, and lse ``[B,Hq,L]`` fp32."""
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    check_grid(B, H)
     out = empty_like_query(q, Ev)  # q's memory order (as torch's flex_attention)
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     if L == 0:
@@ -370,7 +373,7 @@ def launch(
     kernel = get_kernel(score_code, mask_code, q.dtype)
     has_full = full_num is not None and full_idx is not None
     big = needs_int64((L, q.stride(2)), (S, k.stride(2)), (S, v.stride(2)), (L, out.stride(2)))
-    grid = (math.ceil(L / cfg.BLOCK_M), B * H)
+    grid = (math.ceil(L / cfg.BLOCK_M), H, B)
     e_pad, ev_pad = max(16, next_pow2(E)), max(16, next_pow2(Ev))
     args = [
         q,

@@ -533,6 +533,17 @@ def test_torch_compile_fullgraph_matches_eager():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize(
+    "B, Hq, L", [(65536, 1, 16), (1, 65536, 16), (65536, 1, 1)], ids=["batch", "heads", "decode"]
+)
+def test_grid_limits_are_refused_before_launch(B, Hq, L):
+    # batch and heads sit on the grid's z and y axes (CUDA: at most 65535 each)
+    q = torch.randn(B, Hq, L, 16, device=DEV)
+    k = v = torch.randn(B, Hq, 32, 16, device=DEV)
+    with pytest.raises(ValueError, match=r"at most 65535 batch entries.*backend': 'torch'"):
+        flex_attention(q, k, v, kernel_options=TRITON)
+
+
 # ------------------------------------------------------------------ CUDA (device machine)
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -574,6 +585,12 @@ def test_cuda_decode_and_head_dims(dtype):
             block=(128, 128),
             grads=L > 16,
         )
+
+
+@pytest.mark.cuda
+def test_cuda_batch_times_heads_past_65535():
+    # 4100 x 16 = 65600 (batch, head) programs: more than one grid axis holds
+    _run_case(4100, 16, 8, 32, 32, 16, 16, mask_mod=causal(), block=(16, 16))
 
 
 @pytest.mark.cuda
