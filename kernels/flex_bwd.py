@@ -583,10 +583,16 @@ def get_kernels(score_code: Any, mask_code: Any, dtype: torch.dtype) -> tuple[An
     return mod.flex_bwd_dkdv_kernel, mod.flex_bwd_dq_kernel, mod.flex_bwd_kernel
 
 
+_POSITIONAL: dict[Any, list[str]] = {}  # kernel -> names of its runtime (non-constexpr) params
+
+
 def _named(kernel: Any, values: list) -> dict[str, Any]:
     """``values`` (the kernel's runtime arguments, in order) keyed by parameter name."""
-    params = inspect.signature(kernel.fn).parameters.values()
-    names = [p.name for p in params if "constexpr" not in str(p.annotation)]
+    names = _POSITIONAL.get(kernel)
+    if names is None:
+        params = inspect.signature(kernel.fn).parameters.values()
+        names = [p.name for p in params if "constexpr" not in str(p.annotation)]
+        _POSITIONAL[kernel] = names
     if len(names) != len(values):  # pragma: no cover - a template/launcher mismatch
         raise RuntimeError(f"{kernel.__name__}: {len(values)} arguments for {len(names)}")
     return dict(zip(names, values))
