@@ -7,6 +7,8 @@ import importlib.util
 import json
 import math
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -244,20 +246,41 @@ def test_recipe_text_dataset_one_epoch(tmp_path):
     )
 
 
+_DIST_ENV = ("ACCELERATE_", "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE",
+             "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_")
+
+
+def _free_port() -> int:
+    """A TCP port nobody listens on now (for the launcher's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_recipe_ddp_two_processes_equals_accumulation(tmp_path):
     """Two data-parallel processes (gloo, CPU) take the same optimizer steps as one process
     accumulating both rows: the loss is normalised by the targets of all processes."""
     log = tmp_path / "ddp.jsonl"
     argv = _args("--max-steps", "3")
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    # no distributed settings inherited from the test process (a launch there, a monkeypatch)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_DIST_ENV)}
+    env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file",
         str(ROOT / "recipes" / "configs" / "ddp.yaml"), "--num_processes", "2",
-        "--mixed_precision", "no", "--main_process_port", "29517", str(RECIPE), *argv,
-        "--log-file", str(log),
+        "--mixed_precision", "no", "--main_process_port", str(_free_port()), str(RECIPE),
+        *argv, "--log-file", str(log),
     ]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    # its own process group: a rank left waiting on a collective is killed with the launcher
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"accelerate launch did not finish in 300 s (normally ~15 s): {err[-3000:]}")
+    assert proc.returncode == 0, err[-3000:]
     ddp = [json.loads(line) for line in log.read_text().splitlines()]
     # 40 documents fill 9 rows: 3 steps of 2 rows stay inside the first epoch
     single = recipe.train(recipe.parse_args([*argv, "--grad-accum", "2"]))
