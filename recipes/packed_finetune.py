@@ -449,6 +449,16 @@ def train(args: argparse.Namespace) -> list[dict[str, Any]]:
             log.close()
     if args.output_dir:
         save(accelerator, model, tokenizer, args.output_dir)
+    # Drop the DDP wrapper while the process group is still registered. Otherwise its
+    # Reducer holds the group's last reference, and freeing it destroys the gloo group with
+    # the GIL held: that joins gloo's worker threads, one of which may be waiting for the
+    # GIL to free the last all-reduce's tensors (a deadlock at exit, seen on the CPU).
+    # destroy_process_group (in end_training) releases the GIL while it destroys the group.
+    accelerator.wait_for_everyone()
+    model, optimizer, scheduler, loader = accelerator.free_memory(
+        model, optimizer, scheduler, loader
+    )
+    state.clear()
     accelerator.end_training()
     return records
 

@@ -3,16 +3,17 @@ training on each document alone (fp32, CPU, tiny random-init models)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -271,13 +272,16 @@ def test_recipe_ddp_two_processes_equals_accumulation(tmp_path):
         "--mixed_precision", "no", "--main_process_port", str(_free_port()), str(RECIPE),
         *argv, "--log-file", str(log),
     ]
-    # its own process group: a rank left waiting on a collective is killed with the launcher
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True)
     try:
         _, err = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        # the ranks run in sessions of their own (torchrun), and hold the pipes open
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        proc.kill()
         _, err = proc.communicate()
         pytest.fail(f"accelerate launch did not finish in 300 s (normally ~15 s): {err[-3000:]}")
     assert proc.returncode == 0, err[-3000:]
