@@ -501,6 +501,9 @@ def _fused_names(part: str) -> dict[str, str]:
     return ren
 
 
+_FUSED_NAMES = {part: _fused_names(part) for part in ("dkdv", "dq")}
+
+
 def _signature(src: str, fn: str) -> list[str]:
     """The parameters of ``def fn(...)`` in ``src`` as written (``"E: tl.constexpr"``), minus
     the two program ids."""
@@ -510,7 +513,7 @@ def _signature(src: str, fn: str) -> list[str]:
 
 
 def _wrappers(src: str) -> str:
-    """The kernels around the tile functions: one per side (grid ``(tiles, B * heads)``) and
+    """The kernels around the tile functions: one per side (grid ``(tiles, heads, B)``) and
     the fused one (grid ``(kv tiles + GROUP * q tiles, Hkv, B)``: dK/dV programs first,
     then the dQ programs of each q head of the group)."""
     out = []
@@ -526,7 +529,7 @@ def _wrappers(src: str) -> str:
     fused: dict[str, str] = {}
     calls = {}
     for part in ("dkdv", "dq"):
-        ren = _fused_names(part)
+        ren = _FUSED_NAMES[part]
         args = []
         for p in sigs[part]:
             name, _, ann = p.partition(":")
@@ -594,7 +597,7 @@ def _named(kernel: Any, values: list) -> dict[str, Any]:
         names = [p.name for p in params if "constexpr" not in str(p.annotation)]
         _POSITIONAL[kernel] = names
     if len(names) != len(values):  # pragma: no cover - a template/launcher mismatch
-        raise RuntimeError(f"{kernel.__name__}: {len(values)} arguments for {len(names)}")
+        raise RuntimeError(f"{kernel.fn.__name__}: {len(values)} arguments for {len(names)}")
     return dict(zip(names, values))
 
 
@@ -718,7 +721,7 @@ def launch_bwd(
     if cfg.fused:
         args = {"NKV_TILES": n_kv, "NQ_TILES": n_q}
         for part, vals in (("dkdv", dkdv_args), ("dq", dq_args)):
-            ren = _fused_names(part)
+            ren = _FUSED_NAMES[part]
             args.update((ren.get(n, n), x) for n, x in vals.items())
         fused_kernel[(n_kv + (H // Hkv) * n_q, Hkv, B)](
             **args, num_warps=c1.num_warps, num_stages=c1.num_stages
