@@ -84,21 +84,23 @@ def _no_hooks() -> bool:
 def _spec(args: tuple) -> tuple | None:
     """What Triton specialises ``args`` on (a superset of it), or None if not plain."""
     out = []
+    add = out.append
     lo, hi = _I32
+    Tensor = torch.Tensor
     for a in args:
         t = type(a)
-        if a is None:
-            out.append(None)
-        elif t is bool:
-            out.append("T" if a else "F")  # not 1/0: True == 1 in a dict key
-        elif t is int:
+        if t is int:  # the common case first: strides and sizes
             if not lo <= a <= hi:
                 return None
-            out.append(1 if a == 1 else (16 if a & 15 == 0 else 0))
+            add(1 if a == 1 else (0 if a & 15 else 16))
+        elif t is Tensor or isinstance(a, Tensor):
+            add((a.dtype, a.data_ptr() & 15 == 0))
+        elif a is None:
+            add(None)
+        elif t is bool:
+            add("T" if a else "F")  # not 1/0: True == 1 in a dict key
         elif t is float:
-            out.append(0.5)
-        elif isinstance(a, torch.Tensor):
-            out.append((a.dtype, a.data_ptr() & 15 == 0))
+            add(0.5)
         else:
             return None
     return tuple(out)
@@ -129,10 +131,19 @@ class Launcher:
         self._launch(spec, tuple(constexprs.items()), grid, args, constexprs)
 
     def bind(self, grid: tuple, tail: tuple, constexprs: dict,
-             tail_spec: tuple | None = None) -> Bound:
+             tail_spec: tuple | None = None, shared: tuple | None = None) -> Bound:
         """A launch whose arguments after the first few are fixed: see :class:`Bound`.
-        ``tail_spec``: ``_spec(tail)`` if the caller has it already (None: computed)."""
-        return Bound(self, grid, tail, constexprs, tail_spec)
+        ``tail_spec``: ``_spec(tail)`` if the caller has it already (None: computed);
+        ``shared``: see :meth:`shared_entry`."""
+        return Bound(self, grid, tail, constexprs, tail_spec, shared)
+
+    @staticmethod
+    def shared_entry(constexprs: dict) -> tuple:
+        """What Bounds of one tail specialisation and one set of constexprs may share:
+        ``(constexpr key, {(device, head alignment): compiled kernel})``. A caller that makes
+        many such Bounds (one per decoding step) passes it to :meth:`bind`, so a new Bound's
+        first launch goes directly to the kernel an earlier one found."""
+        return tuple(constexprs.items()), {}
 
     def _launch(self, spec: tuple, cx_key: tuple, grid: tuple, args: tuple, cx: dict) -> Any:
         """Launch directly if ``spec`` was compiled before, else through Triton (recording
@@ -185,16 +196,19 @@ class Bound:
     must not change from call to call (their alignment may)."""
 
     def __init__(self, launcher: Launcher, grid: tuple, tail: tuple, constexprs: dict,
-                 tail_spec: tuple | None = None) -> None:
+                 tail_spec: tuple | None = None, shared: tuple | None = None) -> None:
         self.launcher = launcher
         self.grid = grid
         self.g = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
         self.tail = tuple(tail)
         self.constexprs = constexprs
         self.tail_spec = _spec(self.tail) if tail_spec is None else tail_spec
-        self.cx_key = tuple(constexprs.items())
+        if shared is None:
+            shared = Launcher.shared_entry(constexprs)
+        self.cx_key = shared[0]
         self.slow = self.tail_spec is None or interpreter_on()
-        self.hits: dict[tuple, tuple] = {}  # (device, head spec) -> launcher entry
+        # (device, head alignment) -> launcher entry; shared by Bounds of one tail spec
+        self.hits: dict[tuple, tuple] = shared[1]
 
     def __call__(self, *head: torch.Tensor) -> None:
         args = head + self.tail

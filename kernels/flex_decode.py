@@ -490,6 +490,8 @@ class DecodeTemplate:
             EVEN_N=False, EVEN_D=E == e_pad and Ev == ev_pad, ONE_SPLIT=False, num_warps=0,
             num_stages=0,
         )
+        # (step argument spec, config, BIG, EVEN_N) -> (constexprs, tail spec, shared entry)
+        self.steps: dict[tuple, tuple] = {}
 
     def plan(self, k: torch.Tensor, v: torch.Tensor, kv_num: torch.Tensor,
              kv_idx: torch.Tensor, full_num: torch.Tensor | None, full_idx: torch.Tensor | None,
@@ -501,25 +503,40 @@ class DecodeTemplate:
         S, ns = k.shape[2], cfg.num_splits
         kvi = _index_args(kv_num, kv_idx, B, Hq)
         fkvi = _index_args(full_num, full_idx, B, Hq) if self.has_full else kvi
-        kv = (*k.stride(), *v.stride(), *kvi, *fkvi)
-        sn = (S, ns)
+        ks, vs = k.stride(), v.stride()
         margs = tuple(mask_code.runtime_args())
-        dyn = (_spec(kv), _spec(sn), _spec(margs))
-        spec = None
-        if None not in dyn and None not in self.specs:
-            spec = self.specs[0] + dyn[0] + self.specs[1] + dyn[1] + self.specs[2] + dyn[2]
-        cx = dict(self.constexprs)
-        cx.update(
-            BLOCK_M=cfg.BLOCK_M,
-            BLOCK_N=cfg.BLOCK_N,
-            BIG=S * max(abs(k.stride(2)), abs(v.stride(2))) >= 2**31 - 1,
-            EVEN_N=S % self.kv_block == 0,
-            ONE_SPLIT=ns == 1,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
-        tail = self.out_q + kv + self.heads + sn + self.scale_score + margs
-        bound = self.launcher.bind((ns, Hkv, B), tail, cx, tail_spec=spec)
+        dyn = (*ks, *vs, *kvi, *fkvi, S, ns, *margs)
+        dspec = _spec(dyn)
+        big = S * max(abs(ks[2]), abs(vs[2])) >= 2**31 - 1
+        # one entry per specialisation of the step's arguments and launch constants:
+        # consecutive steps share it (and with it the compiled kernel their launches find)
+        ckey = (dspec, cfg, big, S % self.kv_block == 0)
+        hit = None if dspec is None else self.steps.get(ckey)
+        if hit is None:
+            cx = dict(self.constexprs)
+            cx.update(
+                BLOCK_M=cfg.BLOCK_M,
+                BLOCK_N=cfg.BLOCK_N,
+                BIG=big,
+                EVEN_N=ckey[3],
+                ONE_SPLIT=ns == 1,
+                num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
+            )
+            spec = None
+            if dspec is not None and None not in self.specs:
+                n_kv = len(ks) + len(vs) + len(kvi) + len(fkvi)
+                spec = (self.specs[0] + dspec[:n_kv] + self.specs[1] + dspec[n_kv : n_kv + 2]
+                        + self.specs[2] + dspec[n_kv + 2 :])
+            hit = (cx, spec, self.launcher.shared_entry(cx))
+            if dspec is not None:
+                if len(self.steps) >= 64:
+                    self.steps.clear()
+                self.steps[ckey] = hit
+        cx, spec, shared = hit
+        tail = (*self.out_q, *ks, *vs, *kvi, *fkvi, *self.heads, S, ns, *self.scale_score,
+                *margs)
+        bound = self.launcher.bind((ns, Hkv, B), tail, cx, tail_spec=spec, shared=shared)
         return DecodePlan(
             bound, (B, Hq, self.L, self.Ev), self.dtype, self.device,
             (B, Hq, Hkv, self.L, ns, self.Ev), self.out_strides,

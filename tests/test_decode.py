@@ -666,6 +666,25 @@ def test_next_steps_plan_comes_from_the_template(calls, monkeypatch):
     assert len(tb._TEMPLATES) == 1
 
 
+@pytest.mark.cuda
+def test_cuda_template_steps_launch_directly_from_their_first_call(calls):
+    # a step's plan from the template shares its launch entry with the earlier steps of the
+    # same specialisation: its very first launch skips Triton's binding (and is right)
+    from hf_flexattn.kernels import _launch
+
+    tb._TEMPLATES.clear()
+    for S in (400, 416, 432):  # the last two: 7 kv blocks, lengths divisible by 16
+        bm, _ = _step_mask(S, lefts=(3, 40))
+        triton_before, direct_before = _launch.stats["triton"], _launch.stats["direct"]
+        for layer in range(3):
+            q, k, v = _inputs(2, 4, 2, 1, S, 16, 16, torch.float16, seed=S + layer)
+            with torch.no_grad():
+                out = flex_attention(q, k, v, None, bm, enable_gqa=True, kernel_options=TR)
+            _ref_check(out, q, k, v, None, bm, f"S={S} layer {layer}")
+    assert _launch.stats["triton"] == triton_before
+    assert _launch.stats["direct"] == direct_before + 3
+
+
 def test_template_is_not_used_where_the_call_differs(calls):
     sm = M.alibi(torch.tensor([0.1, 0.5], device=DEV).repeat_interleave(2))
     tb._TEMPLATES.clear()

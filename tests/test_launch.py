@@ -129,3 +129,28 @@ def test_bound_launch_inspects_only_the_head(fake_cuda):
     a = fn.log[1][1]
     assert a[:9] == (7, 3, 1, 1234, "fn", "meta", None, None, None)
     assert a[9] is y and a[10:] == (48, 0.5, 32, True)
+
+
+def test_bounds_sharing_an_entry_launch_directly_from_their_first_call(fake_cuda):
+    # one Bound per decoding step: a new step's Bound with the same tail specialisation finds
+    # the kernel the previous step's Bound compiled, and passes its own tail
+    fn = FakeJit()
+    lau = _launch.Launcher(fn)
+    cx = dict(BLOCK=32, FLAG=True, num_warps=4, num_stages=2)
+    shared = lau.shared_entry(cx)
+    x = torch.zeros(64)
+    lau.bind((7,), (48, 0.5), cx, shared=shared)(x)
+    lau.bind((7,), (64, 0.25), cx, shared=shared)(x)
+    assert [e[0] for e in fn.log] == ["triton", "direct"]
+    assert fn.log[1][1][10:] == (64, 0.25, 32, True)
+    lau.bind((7,), (64, 0.25), cx)(x)  # no shared entry: its own first call looks it up
+    assert [e[0] for e in fn.log] == ["triton", "direct", "direct"]
+
+
+def test_spec_of_mixed_arguments():
+    x = torch.zeros(64)
+    assert _launch._spec((x, 1, 32, 33, None, True, False, 0.5, x[1:])) == (
+        (torch.float32, True), 1, 16, 0, None, "T", "F", 0.5, (torch.float32, False)
+    )
+    assert _launch._spec((2**31,)) is None
+    assert _launch._spec(("a",)) is None

@@ -3,7 +3,7 @@
 #
 #   bash examples/benchmarks/device_session.sh tests      # CUDA tests (kernels, decode, Transformers)
 #   bash examples/benchmarks/device_session.sh train      # training step: ours vs built-in flex vs sdpa
-#   bash examples/benchmarks/device_session.sh generate   # generation, both orders, host time per call
+#   bash examples/benchmarks/device_session.sh generate   # generation: host-time breakdown, interleaved, e2e
 #   bash examples/benchmarks/device_session.sh recipe     # recipes/packed_finetune.py: 1 GPU, FSDP2
 #   bash examples/benchmarks/device_session.sh sweep      # kernel configs on the training shape
 #   bash examples/benchmarks/device_session.sh bwd        # fused vs two-launch backward, 3 shapes
@@ -34,11 +34,16 @@ train)
         | tee "$OUT/train.log" | tail -30
     ;;
 generate)
-    timeout 200 python3 examples/benchmarks/decode_overhead.py 2>&1 | tee "$OUT/overhead.log"
-    timeout 220 python3 examples/benchmarks/generate_interleaved.py 10 2>&1 \
-        | tee "$OUT/interleaved.log" | tail -8
-    timeout 160 python3 -m hf_flexattn.bench_e2e --skip-train --impls flex,sdpa --gen-repeats 9 \
-        --time-budget 150 --out "$OUT/generate" 2>&1 | tee "$OUT/generate.log" | tail -20
+    # where a decoding step's host time goes (mask, attention per layer), then whole calls
+    # interleaved with per-step medians, then the bench_e2e rows (with the built-in flex)
+    timeout 150 python3 examples/benchmarks/host_overhead_cpu.py --device cuda --prompt 2048 \
+        --rounds 8 --json "$OUT/breakdown.json" --label cuda 2>&1 | tee "$OUT/breakdown.log" \
+        | tail -4
+    timeout 200 python3 examples/benchmarks/generate_interleaved.py 20 \
+        --json "$OUT/interleaved.json" 2>&1 | tee "$OUT/interleaved.log" | tail -8
+    timeout 200 python3 -m hf_flexattn.bench_e2e --skip-train --impls flex,sdpa,flex_attention \
+        --gen-repeats 9 --time-budget 190 --out "$OUT/generate" 2>&1 | tee "$OUT/generate.log" \
+        | tail -20
     ;;
 recipe)
     # the e2e benchmark's model (hidden 2048, 8 layers, 16/8 heads of 128), bf16 autocast,

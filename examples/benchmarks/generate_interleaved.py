@@ -1,45 +1,93 @@
 """Greedy generation, sdpa and flex interleaved round by round (same prompts and weights).
 
-Run on a CUDA machine: ``python examples/benchmarks/generate_interleaved.py [rounds]``.
-Interleaving spreads host noise over both implementations; decoding here is bound by host
-(CPU) time, which varies a lot on a shared machine.
+Run on a CUDA machine:
+
+    python examples/benchmarks/generate_interleaved.py [rounds] [--json out.json]
+
+The bench_e2e generation setting (batch 8, 2,048-token prompt, 64 new tokens, bf16, dynamic
+cache). Decoding here is bound by host (CPU) time, which varies a lot on a shared machine, so:
+
+- the two implementations alternate, and the order flips every round (sdpa first, then flex
+  first), so neither always runs right after the other;
+- besides whole calls, every decoding step is timed (host timestamps from a logits processor;
+  generate synchronises once per step), and the median over all steps of all rounds is
+  reported: a few slow stretches on a noisy machine barely move it;
+- "paired" is the median over rounds of (flex - sdpa) for the two calls of one round.
 """
 
+import argparse
+import json
 import statistics
-import sys
 import time
 
 import torch
+from transformers import LogitsProcessorList
 
 from hf_flexattn import bench_e2e as be
 
-rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 8
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+p.add_argument("rounds", nargs="?", type=int, default=8)
+p.add_argument("--json", help="write every timing here")
+p.add_argument("--impls", default="sdpa,flex")
+args = p.parse_args()
+
 spec = be.ModelSpec()
 ids, mask = be.make_prompts(8, 2048, spec.vocab)
 ids, mask = ids.cuda(), mask.cuda()
-models = {
-    i: be.build_model(spec, i, torch.bfloat16, "cuda", 0, 4096).eval() for i in ("sdpa", "flex")
-}
+impls = args.impls.split(",")
+models = {i: be.build_model(spec, i, torch.bfloat16, "cuda", 0, 4096).eval() for i in impls}
+stamps: list[float] = []
+
+
+def stamp(input_ids, scores):
+    stamps.append(time.perf_counter())
+    return scores
+
+
 kw = dict(
     attention_mask=mask,
     max_new_tokens=64,
     min_new_tokens=64,
     do_sample=False,
     pad_token_id=be.PAD_ID,
+    logits_processor=LogitsProcessorList([stamp]),
 )
-times = {i: [] for i in models}
+calls = {i: [] for i in impls}
+prefill = {i: [] for i in impls}
+steps = {i: [] for i in impls}
 with torch.no_grad():
     for m in models.values():
         m.generate(ids, **kw)  # warm-up
-    for _ in range(rounds):
-        for i, m in models.items():
+    for r in range(args.rounds):
+        order = impls if r % 2 == 0 else impls[::-1]
+        for i in order:
+            m = models[i]
+            stamps.clear()
             torch.cuda.synchronize()
             t = time.perf_counter()
             m.generate(ids, **kw)
             torch.cuda.synchronize()
-            times[i].append((time.perf_counter() - t) * 1e3)
-for i, ts in times.items():
+            calls[i].append((time.perf_counter() - t) * 1e3)
+            prefill[i].append((stamps[0] - t) * 1e3)  # the prompt's forward, to the 1st token
+            steps[i].extend((b - a) * 1e3 for a, b in zip(stamps, stamps[1:]))
+print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, {args.rounds} rounds")
+print(f"{'impl':5s} {'call median ms':>15s} {'min':>8s} {'prefill ms':>11s} "
+      f"{'step median ms':>15s}")
+for i in impls:
     print(
-        f"{i:5s} median {statistics.median(ts):7.1f} ms  min {min(ts):7.1f}  "
-        f"all {[round(t) for t in ts]}"
+        f"{i:5s} {statistics.median(calls[i]):15.1f} {min(calls[i]):8.1f} "
+        f"{statistics.median(prefill[i]):11.1f} {statistics.median(steps[i]):15.3f}"
     )
+    print(f"      all {[round(t) for t in calls[i]]}")
+if "flex" in calls and "sdpa" in calls:
+    diff = [f - s for f, s in zip(calls["flex"], calls["sdpa"])]
+    wins = sum(d < 0 for d in diff)
+    print(f"paired flex - sdpa: median {statistics.median(diff):+.1f} ms, flex faster in "
+          f"{wins} of {len(diff)} rounds")
+if args.json:
+    with open(args.json, "w") as f:
+        json.dump(
+            {"torch": torch.__version__, "device": torch.cuda.get_device_name(),
+             "rounds": args.rounds, "call_ms": calls, "prefill_ms": prefill, "step_ms": steps},
+            f,
+        )

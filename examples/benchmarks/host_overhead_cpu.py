@@ -16,6 +16,12 @@ Numbers are host times on this machine; the ratio between the two is what carrie
 GPU host (a real launch adds a few microseconds to both). The model's other layers run
 between attention calls, as in real decoding, so Python's caches are as cold as they are
 there; a loop over one attention call alone reads lower.
+
+``--device cuda`` runs the same comparison on a GPU with the real kernels and the end-to-end
+benchmark's model (``hf_flexattn.bench_e2e.ModelSpec``, bf16, ``--prompt 2048`` there): the
+breakdown of where the host time of a real decoding step goes. "step (per-step median)" is
+the median over every decoding step of every round (timestamps from a logits processor), which
+a few slow steps on a noisy machine do not move.
 """
 
 from __future__ import annotations
@@ -25,10 +31,13 @@ import copy
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+_CUDA = "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1 :][:1] == ["cuda"]
+if not _CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["HF_FLEXATTN_BACKEND"] = "triton"
 
 import torch  # noqa: E402
@@ -93,6 +102,8 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=300, help="prompt length (>= 256: decode kernel)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--impls", default="flex,sdpa")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: real kernels, the e2e benchmark's model in bf16")
     p.add_argument("--json", help="append this run's medians (with --label) to a JSON file")
     p.add_argument("--label", default="", help="name of this run in --json")
     p.add_argument("--plot", nargs="+", metavar="JSON", help="draw saved runs (no timing)")
@@ -101,28 +112,51 @@ def main() -> None:
     if args.plot:
         _plot(args.plot, args.png)
         return
-    torch.set_num_threads(1)
-    # the stubbed kernels leave their outputs uninitialised; denormal garbage would make the
-    # rest of the model slower in one run than in the other
-    torch.set_flush_denormal(True)
-    _stub_kernels()
     impls = args.impls.split(",")
+    cuda = args.device == "cuda"
+    if not cuda:
+        torch.set_num_threads(1)
+        # the stubbed kernels leave their outputs uninitialised; denormal garbage would make
+        # the rest of the model slower in one run than in the other
+        torch.set_flush_denormal(True)
+        _stub_kernels()
     for name in impls:
         _timed(AttentionInterface._global_mapping, name, "attention", True)
         _timed(AttentionMaskInterface._global_mapping, name, "mask", False)
-    cfg = AutoConfig.for_model(
-        "llama", vocab_size=32, hidden_size=32, intermediate_size=32, num_hidden_layers=8,
-        num_attention_heads=16, num_key_value_heads=8, head_dim=8, max_position_embeddings=4096,
-    )
-    torch.manual_seed(0)
-    models = {
-        i: AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=i).eval()
-        for i in impls
-    }
     B, N = args.batch, args.new
-    ids = torch.randint(1, 32, (B, args.prompt))
-    am = torch.ones(B, args.prompt, dtype=torch.long)
-    kw = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=0)
+    if cuda:
+        from hf_flexattn import bench_e2e as be
+
+        spec = be.ModelSpec()
+        models = {
+            i: be.build_model(spec, i, torch.bfloat16, "cuda", 0, 4096).eval() for i in impls
+        }
+        ids = torch.randint(3, spec.vocab, (B, args.prompt), device="cuda")
+    else:
+        cfg = AutoConfig.for_model(
+            "llama", vocab_size=32, hidden_size=32, intermediate_size=32, num_hidden_layers=8,
+            num_attention_heads=16, num_key_value_heads=8, head_dim=8,
+            max_position_embeddings=4096,
+        )
+        torch.manual_seed(0)
+        models = {
+            i: AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=i).eval()
+            for i in impls
+        }
+        ids = torch.randint(1, 32, (B, args.prompt))
+    am = torch.ones(B, args.prompt, dtype=torch.long, device=ids.device)
+    stamps: list[float] = []
+
+    def stamp(input_ids, scores):
+        stamps.append(time.perf_counter())
+        return scores
+
+    from transformers import LogitsProcessorList
+
+    kw = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=0,
+              logits_processor=LogitsProcessorList([stamp]))
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    per_step = {i: [] for i in impls}
     steps = {i: [] for i in impls}
     parts = {i: {"mask": [], "attention": []} for i in impls}
     layers = {i: {} for i in impls}
@@ -133,14 +167,20 @@ def main() -> None:
             for i, m in models.items():  # interleaved
                 # the prompt alone, then the whole call: the difference is the decoding steps
                 _ACC.clear()
+                sync()
                 t = time.perf_counter()
                 m.generate(ids, attention_mask=am, **dict(kw, max_new_tokens=1, min_new_tokens=1))
+                sync()
                 pre, pre_acc = time.perf_counter() - t, dict(_ACC)
                 _ACC.clear()
                 _CALLS.clear()
+                stamps.clear()
+                sync()
                 t = time.perf_counter()
                 m.generate(ids, attention_mask=am, **kw)
+                sync()
                 total = time.perf_counter() - t
+                per_step[i].extend(b - a for a, b in zip(stamps, stamps[1:]))
                 steps[i].append((total - pre) / (N - 1))
                 for k in ("mask", "attention"):
                     parts[i][k].append((_ACC.get(k, 0.0) - pre_acc.get(k, 0.0)) / (N - 1))
@@ -153,6 +193,7 @@ def main() -> None:
         rest = [t for layer, ts in layers[i].items() if layer > 0 for t in ts]
         rows[i] = {
             "step_us": statistics.median(steps[i]) * us,
+            "step_median_us": statistics.median(per_step[i]) * us,
             "mask_us": statistics.median(parts[i]["mask"]) * us,
             "attention_us": statistics.median(parts[i]["attention"]) * us,
             "layer0_us": statistics.median(layers[i].get(0, [0.0])) * us,
@@ -164,12 +205,13 @@ def main() -> None:
                      "prompt": args.prompt, "new": N, "torch": torch.__version__, "rows": rows})
         Path(args.json).write_text(json.dumps(runs, indent=1))
     print(f"host time per decoding step (median of {args.rounds} rounds, batch {B}, "
-          f"{args.prompt}-token prompt, {N} new tokens, torch {torch.__version__})")
-    print(f"{'impl':6s} {'step us':>9s} {'mask us':>9s} {'attention us':>13s} "
-          f"{'layer 0 us':>11s} {'layers 1+ us':>13s}")
+          f"{args.prompt}-token prompt, {N} new tokens, torch {torch.__version__}, "
+          f"{args.device})")
+    print(f"{'impl':6s} {'step us':>9s} {'per-step median':>16s} {'mask us':>9s} "
+          f"{'attention us':>13s} {'layer 0 us':>11s} {'layers 1+ us':>13s}")
     for i, r in rows.items():
-        print(f"{i:6s} {r['step_us']:9.0f} {r['mask_us']:9.1f} {r['attention_us']:13.1f} "
-              f"{r['layer0_us']:11.1f} {r['layers1_us']:13.1f}")
+        print(f"{i:6s} {r['step_us']:9.0f} {r['step_median_us']:16.0f} {r['mask_us']:9.1f} "
+              f"{r['attention_us']:13.1f} {r['layer0_us']:11.1f} {r['layers1_us']:13.1f}")
 
 
 def _plot(files: list[str], png: str) -> None:
