@@ -61,8 +61,12 @@ def _knobs() -> Any:
     return _KNOBS[0]
 
 
+_GET_DEVICE = getattr(torch._C, "_cuda_getDevice", None)
+
+
 def _current_device() -> int:
-    return torch.cuda.current_device()
+    """The current CUDA device (callers hold CUDA tensors, so CUDA is initialised)."""
+    return _GET_DEVICE()
 
 
 def _raw_stream(device: int) -> int:
@@ -75,7 +79,7 @@ def _empty(hook: Any) -> bool:
 
 
 def _no_hooks() -> bool:
-    knobs = _knobs()
+    knobs = _KNOBS[0] if _KNOBS else _knobs()
     return knobs is not None and (
         _empty(knobs.runtime.launch_enter_hook) and _empty(knobs.runtime.launch_exit_hook)
     )
@@ -131,11 +135,12 @@ class Launcher:
         self._launch(spec, tuple(constexprs.items()), grid, args, constexprs)
 
     def bind(self, grid: tuple, tail: tuple, constexprs: dict,
-             tail_spec: tuple | None = None, shared: tuple | None = None) -> Bound:
+             tail_spec: tuple | None = None, shared: tuple | None = None,
+             checked: int | None = None) -> Bound:
         """A launch whose arguments after the first few are fixed: see :class:`Bound`.
         ``tail_spec``: ``_spec(tail)`` if the caller has it already (None: computed);
-        ``shared``: see :meth:`shared_entry`."""
-        return Bound(self, grid, tail, constexprs, tail_spec, shared)
+        ``shared``: see :meth:`shared_entry`; ``checked``: see :class:`Bound`."""
+        return Bound(self, grid, tail, constexprs, tail_spec, shared, checked)
 
     @staticmethod
     def shared_entry(constexprs: dict) -> tuple:
@@ -176,27 +181,35 @@ class Launcher:
     def _direct(self, hit: tuple, dev: int, g: tuple, grid: tuple, args: tuple, cx: dict) -> bool:
         """Call the compiled kernel's launcher; False (after launching through Triton) if
         this Triton's launcher takes other arguments."""
-        global _disabled
         run, function, metadata, tail = hit
         try:
             run(g[0], g[1], g[2], _raw_stream(dev), function, metadata, None, None, None,
                 *args, *tail)
         except TypeError as e:  # raised while parsing arguments: nothing was launched
-            _logger.warning("hf_flexattn: direct Triton launch unavailable (%s); using Triton's", e)
-            _disabled = True
-            self._triton(grid, args, cx)
+            self._direct_failed(e, grid, args, cx)
             return False
         stats["direct"] += 1
         return True
+
+    def _direct_failed(self, e: Exception, grid: tuple, args: tuple, cx: dict) -> None:
+        """This Triton's launcher takes other arguments: launch through Triton, now and from
+        now on."""
+        global _disabled
+        _logger.warning("hf_flexattn: direct Triton launch unavailable (%s); using Triton's", e)
+        _disabled = True
+        self._triton(grid, args, cx)
 
 
 class Bound:
     """``bound(*head)`` launches ``fn[grid](*head, *tail, **constexprs)``; the tail's
     specialisation is computed once, so a call only inspects the head: tensors whose dtypes
-    must not change from call to call (their alignment may)."""
+    must not change from call to call. Only the alignment of the first ``checked`` head
+    tensors (all if None) is looked at on each call; the caller guarantees that the others
+    are always 16-byte aligned (fresh allocations of the caching allocator are)."""
 
     def __init__(self, launcher: Launcher, grid: tuple, tail: tuple, constexprs: dict,
-                 tail_spec: tuple | None = None, shared: tuple | None = None) -> None:
+                 tail_spec: tuple | None = None, shared: tuple | None = None,
+                 checked: int | None = None) -> None:
         self.launcher = launcher
         self.grid = grid
         self.g = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
@@ -206,23 +219,33 @@ class Bound:
         if shared is None:
             shared = Launcher.shared_entry(constexprs)
         self.cx_key = shared[0]
+        self.checked = checked
         self.slow = self.tail_spec is None or interpreter_on()
         # (device, head alignment) -> launcher entry; shared by Bounds of one tail spec
         self.hits: dict[tuple, tuple] = shared[1]
 
     def __call__(self, *head: torch.Tensor) -> None:
-        args = head + self.tail
         if self.slow or _disabled:
-            self.launcher._triton(self.grid, args, self.constexprs)
+            self.launcher._triton(self.grid, head + self.tail, self.constexprs)
             return
         # the head is tensors whose dtypes the owner keeps fixed: their alignment is all that
         # can change Triton's specialisation from call to call
         dev = _current_device()
-        key = (dev, tuple(t.data_ptr() & 15 == 0 for t in head))
+        n = self.checked
+        key = (dev, *[t.data_ptr() & 15 == 0 for t in (head if n is None else head[:n])])
         hit = self.hits.get(key)
         if hit is not None and _no_hooks():
-            self.launcher._direct(hit, dev, self.g, self.grid, args, self.constexprs)
+            run, function, metadata, cx_tail = hit
+            g = self.g
+            try:
+                run(g[0], g[1], g[2], _raw_stream(dev), function, metadata, None, None, None,
+                    *head, *self.tail, *cx_tail)
+            except TypeError as e:  # raised while parsing arguments: nothing was launched
+                self.launcher._direct_failed(e, self.grid, head + self.tail, self.constexprs)
+                return
+            stats["direct"] += 1
             return
+        args = head + self.tail
         spec = _spec(head)
         if spec is None:
             self.launcher._triton(self.grid, args, self.constexprs)

@@ -437,6 +437,9 @@ class DecodePlan:
         self.out_shape, self.lse_shape = out_shape, out_shape[:3]
         self.out_strides = out_strides
         self.dtype, self.device, self.ws = dtype, device, ws
+        self.cuda = device.type == "cuda"
+        self._stream: int | None = None  # the stream of the last call, and its workspace
+        self._ws: tuple | None = None
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  need_lse: bool = True) -> tuple:
@@ -453,6 +456,14 @@ class DecodePlan:
         )
         if fresh:
             op, lp, cnt, scratch = _new_workspace(self.device, *self.ws)
+        elif self.cuda and not torch._C._cuda_isCurrentStreamCapturing():
+            # the same stream as the last call: its workspace (one stream's launches never
+            # overlap, whichever cached workspace they use)
+            stream = torch._C._cuda_getCurrentRawStream(self.device.index)
+            if stream != self._stream:
+                self._ws = _workspace(self.device, *self.ws)
+                self._stream = stream
+            op, lp, cnt, scratch = self._ws
         else:
             op, lp, cnt, scratch = _workspace(self.device, *self.ws)
         lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device) if (
@@ -536,7 +547,10 @@ class DecodeTemplate:
         cx, spec, shared = hit
         tail = (*self.out_q, *ks, *vs, *kvi, *fkvi, *self.heads, S, ns, *self.scale_score,
                 *margs)
-        bound = self.launcher.bind((ns, Hkv, B), tail, cx, tail_spec=spec, shared=shared)
+        # only q, k and v may be misaligned views: the workspace and outputs are fresh
+        # allocations (see DecodePlan.run)
+        bound = self.launcher.bind((ns, Hkv, B), tail, cx, tail_spec=spec, shared=shared,
+                                   checked=3)
         return DecodePlan(
             bound, (B, Hq, self.L, self.Ev), self.dtype, self.device,
             (B, Hq, Hkv, self.L, ns, self.Ev), self.out_strides,

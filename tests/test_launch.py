@@ -154,3 +154,36 @@ def test_spec_of_mixed_arguments():
     )
     assert _launch._spec((2**31,)) is None
     assert _launch._spec(("a",)) is None
+
+
+def test_bound_checks_the_alignment_of_the_first_checked_head_tensors(fake_cuda):
+    fn = FakeJit()
+    lau = _launch.Launcher(fn)
+    cx = dict(BLOCK=32, FLAG=True, num_warps=4, num_stages=2)
+    bound = lau.bind((7,), (0.5,), cx, checked=1)
+    x, y = torch.zeros(64), torch.zeros(64)
+    bound(x, y)
+    bound(x[1:], y)  # the checked tensor misaligned: another specialisation
+    bound(x, y)
+    assert [e[0] for e in fn.log] == ["triton", "triton", "direct"]
+    assert fn.log[2][1][9:11] == (x, y) and fn.log[2][1][11:] == (0.5, 32, True)
+
+
+def test_bound_falls_back_to_triton_when_the_launcher_rejects_arguments(fake_cuda, monkeypatch):
+    fn = FakeJit()
+    lau = _launch.Launcher(fn)
+    cx = dict(BLOCK=32, FLAG=True, num_warps=4, num_stages=2)
+    bound = lau.bind((7,), (48, 0.5), cx)
+    x = torch.zeros(64)
+    bound(x)
+
+    def bad_run(*a):
+        raise TypeError("other arguments")
+
+    key = next(iter(lau.kernels))
+    lau.kernels[key] = (bad_run,) + lau.kernels[key][1:]
+    bound2 = lau.bind((7,), (48, 0.5), cx)
+    bound2(x)  # looks the kernel up, the direct call fails: Triton launches instead
+    assert _launch._disabled
+    bound2(x)
+    assert [e[0] for e in fn.log] == ["triton", "triton", "triton"]

@@ -126,8 +126,8 @@ class ModCode:
         out: list = []
         for t in self.captured:
             out.append(t)
-            out.extend(int(s) for s in t.stride())
-            out.extend(int(n) for n in t.shape)
+            out.extend(t.stride())  # Python ints (eager tensors: this runs outside tracing)
+            out.extend(t.shape)
         return out
 
     def grad_buffers(self) -> list[Tensor]:

@@ -1202,7 +1202,8 @@ def flex_attention_forward(
         sm = None if softcap is None else _softcap_mod(float(softcap))
         res = _tb.run_plan(query, key, value, sm, attention_mask, scaling, True, None, False)
         if res is not None:
-            return res[0].transpose(1, 2).contiguous(), None
+            out = res[0].transpose(1, 2)  # contiguous already: out follows q's memory order
+            return (out if out.is_contiguous() else out.contiguous()), None
     if dropout and dropout > 0 and training:
         raise ValueError(
             f"attention dropout is not supported by the 'flex' attention implementation (got "
