@@ -203,7 +203,8 @@ class Launcher:
 class Bound:
     """``bound(*head)`` launches ``fn[grid](*head, *tail, **constexprs)``; the tail's
     specialisation is computed once, so a call only inspects the head: tensors whose dtypes
-    must not change from call to call. Only the alignment of the first ``checked`` head
+    must not change from call to call, CUDA tensors on the current device (their pointers
+    go to the launch as ints, unchecked). Only the alignment of the first ``checked`` head
     tensors (all if None) is looked at on each call; the caller guarantees that the others
     are always 16-byte aligned (fresh allocations of the caching allocator are)."""
 
@@ -231,15 +232,19 @@ class Bound:
         # the head is tensors whose dtypes the owner keeps fixed: their alignment is all that
         # can change Triton's specialisation from call to call
         dev = _current_device()
+        ptrs = [t.data_ptr() for t in head]
         n = self.checked
-        key = (dev, *[t.data_ptr() & 15 == 0 for t in (head if n is None else head[:n])])
+        key = (dev, *[p & 15 == 0 for p in (ptrs if n is None else ptrs[:n])])
         hit = self.hits.get(key)
         if hit is not None and _no_hooks():
             run, function, metadata, cx_tail = hit
             g = self.g
             try:
+                # the head as raw pointers: Triton's launcher takes an int as it is, where for
+                # a tensor it calls data_ptr() and asks the driver whether the pointer is a
+                # device one (the owner guarantees CUDA tensors of this launch's device)
                 run(g[0], g[1], g[2], _raw_stream(dev), function, metadata, None, None, None,
-                    *head, *self.tail, *cx_tail)
+                    *ptrs, *self.tail, *cx_tail)
             except TypeError as e:  # raised while parsing arguments: nothing was launched
                 self.launcher._direct_failed(e, self.grid, head + self.tail, self.constexprs)
                 return

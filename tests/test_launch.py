@@ -129,6 +129,10 @@ def test_bound_launch_inspects_only_the_head(fake_cuda):
     a = fn.log[1][1]
     assert a[:9] == (7, 3, 1, 1234, "fn", "meta", None, None, None)
     assert a[9] is y and a[10:] == (48, 0.5, 32, True)
+    # once the Bound knows its kernel, the head goes as raw pointers (ints)
+    a = fn.log[3][1]
+    assert a[:9] == (7, 3, 1, 1234, "fn", "meta", None, None, None)
+    assert a[9] == y.data_ptr() and type(a[9]) is int and a[10:] == (48, 0.5, 32, True)
 
 
 def test_bounds_sharing_an_entry_launch_directly_from_their_first_call(fake_cuda):

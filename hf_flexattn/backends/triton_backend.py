@@ -305,7 +305,7 @@ def prepare(
 
 def _capture_specs(tensors: tuple) -> tuple:
     """What a compiled mod is specialised on for each captured tensor."""
-    return tuple((t.dtype, t.dim(), t.requires_grad, _is_large(t)) for t in tensors)
+    return tuple([(t.dtype, t.dim(), t.requires_grad, _is_large(t)) for t in tensors])
 
 
 # family token + capture specs (+ score mod id, dtype, device, ...) -> (Prepared of the first
@@ -1052,6 +1052,7 @@ def _template_key(query, key, value, score_mod, block_mask, scale, opts) -> tupl
     if fam is None:
         return None
     kvn = block_mask.kv_num_blocks
+    ks, vs = key.shape, value.shape
     return (
         opts,
         _ENV_BACKEND(),
@@ -1062,13 +1063,15 @@ def _template_key(query, key, value, score_mod, block_mask, scale, opts) -> tupl
         query.stride(),
         query.dtype,
         query.device,
-        key.shape[:2],
-        key.shape[3],
+        ks[0],
+        ks[1],
+        ks[3],
         key.stride(3),
         key.dtype,
         key.device,
-        value.shape[:2],
-        value.shape[3],
+        vs[0],
+        vs[1],
+        vs[3],
         value.stride(3),
         value.dtype,
         value.device,
@@ -1119,8 +1122,9 @@ def _plan_from_template(query, key, value, score_mod, block_mask, scale, opts, p
         return None
     caps = getattr(block_mask.mask_mod, _FAMILY_ATTR)[1]
     device = query.device
-    if any(t.device != device for t in caps):
-        return None
+    for t in caps:
+        if t.device != device:
+            return None
     e = _ENTRIES[kid]
     kv_block = _block_size(block_mask)[1]
     cfg = _decode_config(
