@@ -136,11 +136,12 @@ class Launcher:
 
     def bind(self, grid: tuple, tail: tuple, constexprs: dict,
              tail_spec: tuple | None = None, shared: tuple | None = None,
-             checked: int | None = None) -> Bound:
+             checked: int | None = None, direct_tail: tuple | None = None) -> Bound:
         """A launch whose arguments after the first few are fixed: see :class:`Bound`.
         ``tail_spec``: ``_spec(tail)`` if the caller has it already (None: computed);
-        ``shared``: see :meth:`shared_entry`; ``checked``: see :class:`Bound`."""
-        return Bound(self, grid, tail, constexprs, tail_spec, shared, checked)
+        ``shared``, ``checked``, ``direct_tail``: see :meth:`shared_entry` and
+        :class:`Bound`."""
+        return Bound(self, grid, tail, constexprs, tail_spec, shared, checked, direct_tail)
 
     @staticmethod
     def shared_entry(constexprs: dict) -> tuple:
@@ -206,15 +207,24 @@ class Bound:
     must not change from call to call, CUDA tensors on the current device (their pointers
     go to the launch as ints, unchecked). Only the alignment of the first ``checked`` head
     tensors (all if None) is looked at on each call; the caller guarantees that the others
-    are always 16-byte aligned (fresh allocations of the caching allocator are)."""
+    are always 16-byte aligned (fresh allocations of the caching allocator are).
+
+    ``direct_tail``: what direct launches pass instead of ``tail``: the same values with
+    some tensors replaced by their ``data_ptr()``, for tensors the owner keeps alive and
+    whose storage is never swapped (``set_``, ``.data =``) while the Bound is in use (Triton
+    then neither calls ``data_ptr()`` nor queries the driver on each launch)."""
 
     def __init__(self, launcher: Launcher, grid: tuple, tail: tuple, constexprs: dict,
                  tail_spec: tuple | None = None, shared: tuple | None = None,
-                 checked: int | None = None) -> None:
+                 checked: int | None = None, direct_tail: tuple | None = None) -> None:
         self.launcher = launcher
         self.grid = grid
         self.g = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
         self.tail = tuple(tail)
+        # what direct launches pass after the head (Triton's own path gets the tensors)
+        self.direct_tail = self.tail if direct_tail is None else tuple(direct_tail)
+        if len(self.direct_tail) != len(self.tail):
+            raise ValueError("direct_tail must have one value per tail argument")
         self.constexprs = constexprs
         self.tail_spec = _spec(self.tail) if tail_spec is None else tail_spec
         if shared is None:
@@ -244,7 +254,7 @@ class Bound:
                 # a tensor it calls data_ptr() and asks the driver whether the pointer is a
                 # device one (the owner guarantees CUDA tensors of this launch's device)
                 run(g[0], g[1], g[2], _raw_stream(dev), function, metadata, None, None, None,
-                    *ptrs, *self.tail, *cx_tail)
+                    *ptrs, *self.direct_tail, *cx_tail)
             except TypeError as e:  # raised while parsing arguments: nothing was launched
                 self.launcher._direct_failed(e, self.grid, head + self.tail, self.constexprs)
                 return

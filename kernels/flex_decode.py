@@ -506,15 +506,19 @@ class DecodeTemplate:
 
     def plan(self, k: torch.Tensor, v: torch.Tensor, kv_num: torch.Tensor,
              kv_idx: torch.Tensor, full_num: torch.Tensor | None, full_idx: torch.Tensor | None,
-             mask_code: Any, cfg: DecodeConfig) -> DecodePlan:
+             mask_code: Any, cfg: DecodeConfig, kv_strides: tuple | None = None,
+             raw: bool = False) -> DecodePlan:
         """The :class:`DecodePlan` for one step (k ``[B, Hkv, S, E]``, v ``[B, Hkv, S, Ev]``
         with this template's batch, heads and dims; BlockMask tensors of its batch/head
-        broadcast and block size; ``mask_code`` bound to this step's captures)."""
+        broadcast and block size; ``mask_code`` bound to this step's captures;
+        ``kv_strides``: ``(k.stride(), v.stride())`` if the caller has read them; ``raw``:
+        the BlockMask and mask-capture tensors are the library's own, never swapped, so
+        launches may pass their pointers as ints (see ``_launch.Bound``))."""
         B, Hq, Hkv = self.B, self.Hq, self.Hkv
         S, ns = k.shape[2], cfg.num_splits
         kvi = _index_args(kv_num, kv_idx, B, Hq)
         fkvi = _index_args(full_num, full_idx, B, Hq) if self.has_full else kvi
-        ks, vs = k.stride(), v.stride()
+        ks, vs = (k.stride(), v.stride()) if kv_strides is None else kv_strides
         margs = tuple(mask_code.runtime_args())
         dyn = (*ks, *vs, *kvi, *fkvi, S, ns, *margs)
         dspec = _spec(dyn)
@@ -547,10 +551,18 @@ class DecodeTemplate:
         cx, spec, shared = hit
         tail = (*self.out_q, *ks, *vs, *kvi, *fkvi, *self.heads, S, ns, *self.scale_score,
                 *margs)
+        direct = None
+        if raw:  # the step's own tensors as pointers; the score_mod's captures stay tensors
+            kvi_p, fkvi_p, margs_p = (
+                [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in part]
+                for part in (kvi, fkvi, margs)
+            )
+            direct = (*self.out_q, *ks, *vs, *kvi_p, *fkvi_p, *self.heads, S, ns,
+                      *self.scale_score, *margs_p)
         # only q, k and v may be misaligned views: the workspace and outputs are fresh
         # allocations (see DecodePlan.run)
         bound = self.launcher.bind((ns, Hkv, B), tail, cx, tail_spec=spec, shared=shared,
-                                   checked=3)
+                                   checked=3, direct_tail=direct)
         return DecodePlan(
             bound, (B, Hq, self.L, self.Ev), self.dtype, self.device,
             (B, Hq, Hkv, self.L, ns, self.Ev), self.out_strides,

@@ -666,6 +666,38 @@ def test_next_steps_plan_comes_from_the_template(calls, monkeypatch):
     assert len(tb._TEMPLATES) == 1
 
 
+def test_template_plans_pass_their_own_tensors_as_pointers_to_direct_launches(monkeypatch):
+    # a step's plan from the template: direct launches get the BlockMask's and the mask's
+    # captured tensors as raw pointers, the score_mod's captures (a user's tensors) as
+    # tensors; Triton's own path gets every tensor
+    sm = M.alibi(torch.tensor([0.1, 0.5], device=DEV).repeat_interleave(2))
+    tb._TEMPLATES.clear()
+    made = []
+    real = tb._plan_from_template
+    monkeypatch.setattr(tb, "_plan_from_template", lambda *a: made.append(real(*a)) or made[-1])
+    for S in (300, 301):
+        bm, mm = _step_mask(S)
+        q, k, v = _inputs(2, 4, 2, 1, S, 16, 16, torch.float32, seed=S)
+        with torch.no_grad():
+            flex_attention(q, k, v, sm, bm, enable_gqa=True, kernel_options=TR)
+    plan = made[-1]
+    assert plan is not None
+    bound = plan.split
+    score_caps = {id(t) for t in tb._TEMPLATES[next(iter(tb._TEMPLATES))][2]}
+    assert score_caps  # the ALiBi slopes
+    own = {id(t) for t in (bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks,
+                           bm.full_kv_indices, *mm._hf_flexattn_family[1])}
+    assert len(bound.direct_tail) == len(bound.tail)
+    n_ptr = 0
+    for a, d in zip(bound.tail, bound.direct_tail):
+        if isinstance(a, torch.Tensor) and id(a) in own:
+            assert type(d) is int and d == a.data_ptr()
+            n_ptr += 1
+        else:
+            assert d is a
+    assert n_ptr == 6  # 4 BlockMask tensors, the offset and the padding
+
+
 @pytest.mark.cuda
 def test_cuda_template_steps_launch_directly_from_their_first_call(calls):
     # a step's plan from the template shares its launch entry with the earlier steps of the

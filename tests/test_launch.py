@@ -191,3 +191,21 @@ def test_bound_falls_back_to_triton_when_the_launcher_rejects_arguments(fake_cud
     assert _launch._disabled
     bound2(x)
     assert [e[0] for e in fn.log] == ["triton", "triton", "triton"]
+
+
+def test_bound_direct_tail_goes_to_direct_launches_only(fake_cuda):
+    # Triton's own path must see the tensors (it specialises on their dtypes); direct
+    # launches get the owner's stand-ins (raw pointers)
+    fn = FakeJit()
+    lau = _launch.Launcher(fn)
+    cx = dict(BLOCK=32, FLAG=True, num_warps=4, num_stages=2)
+    x, t = torch.zeros(64), torch.zeros(16)
+    bound = lau.bind((7,), (t, 0.5), cx, direct_tail=(t.data_ptr(), 0.5))
+    bound(x)  # compiles through Triton with the tensor
+    bound(x)  # looks the kernel up (Launcher._launch), still the tensors
+    bound(x)  # the Bound's own hit: pointers
+    assert [e[0] for e in fn.log] == ["triton", "direct", "direct"]
+    assert fn.log[0][2] == (x, t, 0.5)
+    assert fn.log[2][1][9:] == (x.data_ptr(), t.data_ptr(), 0.5, 32, True)
+    with pytest.raises(ValueError, match="one value per tail argument"):
+        lau.bind((7,), (t, 0.5), cx, direct_tail=(t.data_ptr(),))

@@ -1048,34 +1048,41 @@ _MAX_TEMPLATES = 64
 
 
 def _template_key(query, key, value, score_mod, block_mask, scale, opts) -> tuple | None:
+    return _template_key_of(_plan_key(query, key, value, score_mod, scale, opts), block_mask)
+
+
+def _template_key_of(pkey: tuple, block_mask: Any) -> tuple | None:
+    """The template key of a call from its plan key (see :func:`_plan_key`: the tensors'
+    shapes, strides, dtypes and devices are read once) and its BlockMask: everything but the
+    key length and the strides that follow from it."""
     fam = getattr(block_mask.mask_mod, _FAMILY_ATTR, None)
     if fam is None:
         return None
     kvn = block_mask.kv_num_blocks
-    ks, vs = key.shape, value.shape
+    ks, kst, vs, vst = pkey[4], pkey[5], pkey[6], pkey[7]
     return (
-        opts,
-        _ENV_BACKEND(),
-        id(score_mod),
+        pkey[0],  # opts
+        pkey[15],  # backend switch
+        pkey[1],  # id(score_mod)
         fam[0],
         _capture_specs(fam[1]),
-        query.shape,
-        query.stride(),
-        query.dtype,
-        query.device,
+        pkey[2],  # query shape, strides, dtype, device
+        pkey[3],
+        pkey[8],
+        pkey[11],
         ks[0],
         ks[1],
         ks[3],
-        key.stride(3),
-        key.dtype,
-        key.device,
+        kst[3],
+        pkey[9],
+        pkey[12],
         vs[0],
         vs[1],
         vs[3],
-        value.stride(3),
-        value.dtype,
-        value.device,
-        scale,
+        vst[3],
+        pkey[10],
+        pkey[13],
+        pkey[14],  # scale
         block_mask.BLOCK_SIZE,
         kvn.shape,  # [B, H, 1]: one q-block row
         kvn.device,
@@ -1101,18 +1108,19 @@ def _plan_from_template(query, key, value, score_mod, block_mask, scale, opts, p
     which validates everything, runs)."""
     if not isinstance(block_mask, _TorchBlockMask):
         return None
-    tkey = _template_key(query, key, value, score_mod, block_mask, scale, opts)
+    tkey = _template_key_of(pkey, block_mask)
     hit = None if tkey is None else _TEMPLATES.get(tkey)
     if hit is None or hit[1] is not score_mod:
         return None
     kid, _, score_caps, template = hit
     if torch.is_grad_enabled() and any(t.requires_grad for t in score_caps):
         return None  # a learnable score_mod under autograd: the differentiable kernels
-    L, S = query.shape[2], key.shape[2]
+    qs, ks, vs = pkey[2], pkey[4], pkey[6]
+    L, S = qs[2], ks[2]
     kvn, kvi = block_mask.kv_num_blocks, block_mask.kv_indices
     fkvn, fkvi = block_mask.full_kv_num_blocks, block_mask.full_kv_indices
     if (
-        value.shape[2] != S
+        vs[2] != S
         or S < DECODE_MIN_S
         or tuple(block_mask.seq_lengths) != (L, S)
         or kvi.device != kvn.device
@@ -1121,17 +1129,17 @@ def _plan_from_template(query, key, value, score_mod, block_mask, scale, opts, p
     ):
         return None
     caps = getattr(block_mask.mask_mod, _FAMILY_ATTR)[1]
-    device = query.device
+    device = pkey[11]
     for t in caps:
         if t.device != device:
             return None
     e = _ENTRIES[kid]
     kv_block = _block_size(block_mask)[1]
-    cfg = _decode_config(
-        device, query.dtype, tuple(query.shape), tuple(key.shape), value.shape[-1], kv_block,
-        None,
+    cfg = _decode_config(device, pkey[8], qs, ks, vs[3], kv_block, None)
+    plan = template.plan(
+        key, value, kvn, kvi, fkvn, fkvi, _with_captured(e.mask_code, caps), cfg,
+        (pkey[5], pkey[7]), raw=True,  # a family mask: the integration's own tensors
     )
-    plan = template.plan(key, value, kvn, kvi, fkvn, fkvi, _with_captured(e.mask_code, caps), cfg)
     _remember_plan(block_mask, query, key, value, score_mod, scale, opts, plan, score_caps, pkey)
     return plan
 
