@@ -3,6 +3,7 @@
 Run on a CUDA machine:
 
     python examples/benchmarks/generate_interleaved.py [rounds] [--json out.json]
+    python examples/benchmarks/generate_interleaved.py --plot a.json b.json --png out.png
 
 The bench_e2e generation setting (batch 8, 2,048-token prompt, 64 new tokens, bf16, dynamic
 cache). Decoding here is bound by host (CPU) time, which varies a lot on a shared machine, so:
@@ -29,7 +30,55 @@ p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("rounds", nargs="?", type=int, default=8)
 p.add_argument("--json", help="write every timing here")
 p.add_argument("--impls", default="sdpa,flex")
+p.add_argument("--plot", nargs="+", metavar="JSON", help="draw saved runs (no timing)")
+p.add_argument("--png", default="generate_interleaved.png", help="where --plot draws")
 args = p.parse_args()
+
+
+def _round_medians(run: dict, impl: str) -> list[float]:
+    """Median decoding-step time of each round (ms)."""
+    steps, rounds = run["step_ms"][impl], run["rounds"]
+    n = len(steps) // rounds
+    return [statistics.median(steps[r * n : (r + 1) * n]) for r in range(rounds)]
+
+
+def _plot(files: list[str], png: str) -> None:
+    """Per run: each round's median step time, sdpa against flex, and their difference.
+    Runs are labelled by the part of the file name before the date (the commit)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    labels = []
+    for x, f in enumerate(files):
+        run = json.load(open(f))
+        s, fl = _round_medians(run, "sdpa"), _round_medians(run, "flex")
+        labels.append(f.rsplit("_", 2)[-2] if f.count("_") >= 2 else f)
+        ax.scatter([x - 0.12] * len(s), s, s=14, color="#999999", label="sdpa" if x == 0 else None)
+        ax.scatter([x + 0.12] * len(fl), fl, s=14, color="#4477aa",
+                   label="flex (ours)" if x == 0 else None)
+        d = [a - b for a, b in zip(fl, s)]
+        ax2.scatter([x] * len(d), d, s=14, color="#4477aa")
+        ax2.plot([x - 0.25, x + 0.25], [statistics.median(d)] * 2, color="#ee6677", lw=2)
+    for a in (ax, ax2):
+        a.set_xticks(range(len(files)), labels)
+    ax.set_ylabel("median decoding step in a round (ms)")
+    ax.set_title("per round: sdpa and flex, interleaved")
+    ax.legend()
+    ax2.axhline(0, color="black", lw=0.8)
+    ax2.set_ylabel("flex - sdpa, same round (ms)")
+    ax2.set_title("per-round difference (red: median)")
+    fig.suptitle("Greedy generate, batch 8, 2,048-token prompt, 64 new tokens (H200)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    print(f"wrote {png}")
+
+
+if args.plot:
+    _plot(args.plot, args.png)
+    raise SystemExit(0)
 
 spec = be.ModelSpec()
 ids, mask = be.make_prompts(8, 2048, spec.vocab)
