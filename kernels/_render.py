@@ -147,7 +147,7 @@ class NoScoreMod:
     params: list = []
     grad_params: list = []
 
-    def runtime_args(self) -> list:
+    def runtime_args(self, pointers: bool = False) -> list:
         return []
 
     def fwd_body(
@@ -191,7 +191,7 @@ class NoMaskMod:
     params: list = []
     grad_params: list = []
 
-    def runtime_args(self) -> list:
+    def runtime_args(self, pointers: bool = False) -> list:
         return []
 
     def fwd_body(

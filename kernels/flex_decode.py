@@ -553,12 +553,10 @@ class DecodeTemplate:
                 *margs)
         direct = None
         if raw:  # the step's own tensors as pointers; the score_mod's captures stay tensors
-            kvi_p, fkvi_p, margs_p = (
-                [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in part]
-                for part in (kvi, fkvi, margs)
-            )
-            direct = (*self.out_q, *ks, *vs, *kvi_p, *fkvi_p, *self.heads, S, ns,
-                      *self.scale_score, *margs_p)
+            # (_index_args: the two tensors come first)
+            direct = (*self.out_q, *ks, *vs, kvi[0].data_ptr(), kvi[1].data_ptr(), *kvi[2:],
+                      fkvi[0].data_ptr(), fkvi[1].data_ptr(), *fkvi[2:], *self.heads, S, ns,
+                      *self.scale_score, *mask_code.runtime_args(pointers=True))
         # only q, k and v may be misaligned views: the workspace and outputs are fresh
         # allocations (see DecodePlan.run)
         bound = self.launcher.bind((ns, Hkv, B), tail, cx, tail_spec=spec, shared=shared,

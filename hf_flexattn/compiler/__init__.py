@@ -121,11 +121,12 @@ class ModCode:
     _c: _Compiled | None = field(default=None, repr=False, compare=False)
 
     # -------------------------------------------------------------- runtime values
-    def runtime_args(self) -> list:
-        """Values for :attr:`params`, in order: per tensor the tensor, strides, sizes."""
+    def runtime_args(self, pointers: bool = False) -> list:
+        """Values for :attr:`params`, in order: per tensor the tensor (its ``data_ptr()`` with
+        ``pointers``), strides, sizes."""
         out: list = []
         for t in self.captured:
-            out.append(t)
+            out.append(t.data_ptr() if pointers else t)
             out.extend(t.stride())  # Python ints (eager tensors: this runs outside tracing)
             out.extend(t.shape)
         return out
