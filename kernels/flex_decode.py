@@ -549,14 +549,14 @@ class DecodeTemplate:
                     self.steps.clear()
                 self.steps[ckey] = hit
         cx, spec, shared = hit
-        tail = (*self.out_q, *ks, *vs, *kvi, *fkvi, *self.heads, S, ns, *self.scale_score,
-                *margs)
+        lead, mid = (*self.out_q, *ks, *vs), (*self.heads, S, ns, *self.scale_score)
+        tail = (*lead, *kvi, *fkvi, *mid, *margs)
         direct = None
         if raw:  # the step's own tensors as pointers; the score_mod's captures stay tensors
             # (_index_args: the two tensors come first)
-            direct = (*self.out_q, *ks, *vs, kvi[0].data_ptr(), kvi[1].data_ptr(), *kvi[2:],
-                      fkvi[0].data_ptr(), fkvi[1].data_ptr(), *fkvi[2:], *self.heads, S, ns,
-                      *self.scale_score, *mask_code.runtime_args(pointers=True))
+            direct = (*lead, kvi[0].data_ptr(), kvi[1].data_ptr(), *kvi[2:],
+                      fkvi[0].data_ptr(), fkvi[1].data_ptr(), *fkvi[2:], *mid,
+                      *mask_code.runtime_args(pointers=True))
         # only q, k and v may be misaligned views: the workspace and outputs are fresh
         # allocations (see DecodePlan.run)
         bound = self.launcher.bind((ns, Hkv, B), tail, cx, tail_spec=spec, shared=shared,

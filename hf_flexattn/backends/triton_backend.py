@@ -1047,10 +1047,6 @@ _TEMPLATES: dict[tuple, tuple] = {}
 _MAX_TEMPLATES = 64
 
 
-def _template_key(query, key, value, score_mod, block_mask, scale, opts) -> tuple | None:
-    return _template_key_of(_plan_key(query, key, value, score_mod, scale, opts), block_mask)
-
-
 def _template_key_of(pkey: tuple, block_mask: Any) -> tuple | None:
     """The template key of a call from its plan key (see :func:`_plan_key`: the tensors'
     shapes, strides, dtypes and devices are read once) and its BlockMask: everything but the
@@ -1090,9 +1086,10 @@ def _template_key_of(pkey: tuple, block_mask: Any) -> tuple | None:
     )
 
 
-def _remember_template(query, key, value, score_mod, block_mask, scale, opts, kid,
-                       score_caps: list, mask_caps: list, template: Any) -> None:
-    tkey = _template_key(query, key, value, score_mod, block_mask, float(scale), opts)
+def _remember_template(pkey: tuple, block_mask, kid, score_mod, score_caps: list,
+                       mask_caps: list, template: Any) -> None:
+    """Store ``template`` for the call whose plan key is ``pkey`` (see :func:`_plan_key`)."""
+    tkey = _template_key_of(pkey, block_mask)
     if tkey is None:
         return
     declared = getattr(block_mask.mask_mod, _FAMILY_ATTR)[1]
@@ -1290,13 +1287,13 @@ def flex_attention_forward(
                 plans: list = []
                 res = _decode_impl(*args, plan_out=plans)
                 if plans:
+                    pkey = _plan_key(query, key, value, score_mod, float(scale), opts)
                     _remember_plan(
                         block_mask, query, key, value, score_mod, scale, opts, plans[0],
-                        score_caps,
+                        score_caps, pkey,
                     )
                     _remember_template(
-                        query, key, value, score_mod, block_mask, scale, opts, kid,
-                        score_caps, mask_caps, plans[1],
+                        pkey, block_mask, kid, score_mod, score_caps, mask_caps, plans[1]
                     )
                 return res
             return _decode_impl(*args)
