@@ -503,25 +503,57 @@ class DecodeTemplate:
         )
         # (step argument spec, config, BIG, EVEN_N) -> (constexprs, tail spec, shared entry)
         self.steps: dict[tuple, tuple] = {}
+        self._idx: tuple | None = None  # the last step's index tensors and their part
+
+    def _index_part(self, kv_num: torch.Tensor, kv_idx: torch.Tensor,
+                    full_num: torch.Tensor | None, full_idx: torch.Tensor | None,
+                    reuse: bool) -> tuple:
+        """``(args, spec, direct args)`` of the BlockMask's index pairs (see
+        :func:`_index_args`; ``direct``: the tensors as pointers). ``reuse``: the tensors are
+        the library's own and never swapped, so the last step's part is kept while a step
+        brings the same four tensors (a decoding step's views are cached)."""
+        c = self._idx
+        if (reuse and c is not None and c[0] is kv_num and c[1] is kv_idx
+                and c[2] is full_num and c[3] is full_idx):
+            return c[4]
+        B, Hq = self.B, self.Hq
+        kvi = _index_args(kv_num, kv_idx, B, Hq)
+        fkvi = _index_args(full_num, full_idx, B, Hq) if self.has_full else kvi
+        args = (*kvi, *fkvi)
+        direct = (kvi[0].data_ptr(), kvi[1].data_ptr(), *kvi[2:],
+                  fkvi[0].data_ptr(), fkvi[1].data_ptr(), *fkvi[2:])
+        part = (args, _spec(args), direct)
+        self._idx = (kv_num, kv_idx, full_num, full_idx, part) if reuse else None
+        return part
 
     def plan(self, k: torch.Tensor, v: torch.Tensor, kv_num: torch.Tensor,
              kv_idx: torch.Tensor, full_num: torch.Tensor | None, full_idx: torch.Tensor | None,
              mask_code: Any, cfg: DecodeConfig, kv_strides: tuple | None = None,
-             raw: bool = False) -> DecodePlan:
+             raw: bool = False, mask_args: tuple[tuple, tuple] | None = None) -> DecodePlan:
         """The :class:`DecodePlan` for one step (k ``[B, Hkv, S, E]``, v ``[B, Hkv, S, Ev]``
         with this template's batch, heads and dims; BlockMask tensors of its batch/head
         broadcast and block size; ``mask_code`` bound to this step's captures;
         ``kv_strides``: ``(k.stride(), v.stride())`` if the caller has read them; ``raw``:
         the BlockMask and mask-capture tensors are the library's own, never swapped, so
-        launches may pass their pointers as ints (see ``_launch.Bound``))."""
-        B, Hq, Hkv = self.B, self.Hq, self.Hkv
+        launches may pass their pointers as ints (see ``_launch.Bound``); ``mask_args``:
+        ``(mask_code.runtime_args(), mask_code.runtime_args(pointers=True))`` if the caller
+        has them (then ``mask_code`` is not read))."""
         S, ns = k.shape[2], cfg.num_splits
-        kvi = _index_args(kv_num, kv_idx, B, Hq)
-        fkvi = _index_args(full_num, full_idx, B, Hq) if self.has_full else kvi
         ks, vs = (k.stride(), v.stride()) if kv_strides is None else kv_strides
-        margs = tuple(mask_code.runtime_args())
-        dyn = (*ks, *vs, *kvi, *fkvi, S, ns, *margs)
-        dspec = _spec(dyn)
+        idx_args, idx_spec, idx_direct = self._index_part(kv_num, kv_idx, full_num, full_idx,
+                                                          raw)
+        if mask_args is None:
+            margs = tuple(mask_code.runtime_args())
+            mdirect = tuple(mask_code.runtime_args(pointers=True)) if raw else None
+        else:
+            margs, mdirect = mask_args
+        # the step's own values in one pass: k and v strides, S and ns, the mask's arguments
+        own = _spec((*ks, *vs, S, ns, *margs))
+        dspec = kv_spec = sn_spec = m_spec = None
+        if own is not None and idx_spec is not None:
+            n = len(ks) + len(vs)
+            kv_spec, sn_spec, m_spec = own[:n], own[n : n + 2], own[n + 2 :]
+            dspec = kv_spec + idx_spec + sn_spec + m_spec
         big = S * max(abs(ks[2]), abs(vs[2])) >= 2**31 - 1
         # one entry per specialisation of the step's arguments and launch constants:
         # consecutive steps share it (and with it the compiled kernel their launches find)
@@ -540,9 +572,8 @@ class DecodeTemplate:
             )
             spec = None
             if dspec is not None and None not in self.specs:
-                n_kv = len(ks) + len(vs) + len(kvi) + len(fkvi)
-                spec = (self.specs[0] + dspec[:n_kv] + self.specs[1] + dspec[n_kv : n_kv + 2]
-                        + self.specs[2] + dspec[n_kv + 2 :])
+                spec = (self.specs[0] + kv_spec + idx_spec + self.specs[1] + sn_spec
+                        + self.specs[2] + m_spec)
             hit = (cx, spec, self.launcher.shared_entry(cx))
             if dspec is not None:
                 if len(self.steps) >= 64:
@@ -550,20 +581,16 @@ class DecodeTemplate:
                 self.steps[ckey] = hit
         cx, spec, shared = hit
         lead, mid = (*self.out_q, *ks, *vs), (*self.heads, S, ns, *self.scale_score)
-        tail = (*lead, *kvi, *fkvi, *mid, *margs)
-        direct = None
-        if raw:  # the step's own tensors as pointers; the score_mod's captures stay tensors
-            # (_index_args: the two tensors come first)
-            direct = (*lead, kvi[0].data_ptr(), kvi[1].data_ptr(), *kvi[2:],
-                      fkvi[0].data_ptr(), fkvi[1].data_ptr(), *fkvi[2:], *mid,
-                      *mask_code.runtime_args(pointers=True))
+        tail = (*lead, *idx_args, *mid, *margs)
+        # raw: the step's own tensors as pointers; the score_mod's captures stay tensors
+        direct = (*lead, *idx_direct, *mid, *mdirect) if raw else None
         # only q, k and v may be misaligned views: the workspace and outputs are fresh
         # allocations (see DecodePlan.run)
-        bound = self.launcher.bind((ns, Hkv, B), tail, cx, tail_spec=spec, shared=shared,
-                                   checked=3, direct_tail=direct)
+        bound = self.launcher.bind((ns, self.Hkv, self.B), tail, cx, tail_spec=spec,
+                                   shared=shared, checked=3, direct_tail=direct)
         return DecodePlan(
-            bound, (B, Hq, self.L, self.Ev), self.dtype, self.device,
-            (B, Hq, Hkv, self.L, ns, self.Ev), self.out_strides,
+            bound, (self.B, self.Hq, self.L, self.Ev), self.dtype, self.device,
+            (self.B, self.Hq, self.Hkv, self.L, ns, self.Ev), self.out_strides,
         )
 
 

@@ -647,7 +647,7 @@ def test_next_steps_plan_comes_from_the_template(calls, monkeypatch):
     # first call of a step builds its plan from the stored template (no validation, no
     # preparation), the next calls run that plan; every result matches fp64
     sm = M.alibi(torch.tensor([0.1, 0.5], device=DEV).repeat_interleave(2))
-    tb._TEMPLATES.clear()
+    tb.clear_templates()
     made = []
     real = tb._plan_from_template
     monkeypatch.setattr(tb, "_plan_from_template", lambda *a: made.append(real(*a)) or made[-1])
@@ -671,7 +671,7 @@ def test_template_plans_pass_their_own_tensors_as_pointers_to_direct_launches(mo
     # captured tensors as raw pointers, the score_mod's captures (a user's tensors) as
     # tensors; Triton's own path gets every tensor
     sm = M.alibi(torch.tensor([0.1, 0.5], device=DEV).repeat_interleave(2))
-    tb._TEMPLATES.clear()
+    tb.clear_templates()
     made = []
     real = tb._plan_from_template
     monkeypatch.setattr(tb, "_plan_from_template", lambda *a: made.append(real(*a)) or made[-1])
@@ -706,7 +706,7 @@ def test_cuda_template_steps_launch_directly_from_their_first_call(calls):
     # same specialisation: its very first launch skips Triton's binding (and is right)
     from hf_flexattn.kernels import _launch
 
-    tb._TEMPLATES.clear()
+    tb.clear_templates()
     for S in (400, 416, 432):  # the last two: 7 kv blocks, lengths divisible by 16
         bm, _ = _step_mask(S, lefts=(3, 40))
         triton_before, direct_before = _launch.stats["triton"], _launch.stats["direct"]
@@ -721,7 +721,7 @@ def test_cuda_template_steps_launch_directly_from_their_first_call(calls):
 
 def test_template_is_not_used_where_the_call_differs(calls):
     sm = M.alibi(torch.tensor([0.1, 0.5], device=DEV).repeat_interleave(2))
-    tb._TEMPLATES.clear()
+    tb.clear_templates()
     bm, _ = _step_mask(300)
     q, k, v = _inputs(2, 4, 2, 1, 300, 16, 16, torch.float32)
     flex_attention(q, k, v, sm, bm, enable_gqa=True, kernel_options=TR)
@@ -805,3 +805,80 @@ def test_compiled_calls_do_not_cache_workspaces(calls):
     assert calls["decode"] > n and not flex_decode._WORKSPACE
     torch.testing.assert_close(got, f(q, k, v))  # the eager call caches its workspace
     assert flex_decode._WORKSPACE
+
+
+# ------------------------------------------------------------------ step successors
+def _integration_steps(S_range, *, sm=None, q_strided_from=None, monkeypatch, calls):
+    """Decoding steps as ``generate`` makes them: per step the integration's mask (one key
+    more, a new padding tensor), then two layers' calls with new q/k/v. Returns, per step,
+    whether the step's first call was planned from the last step's record."""
+    mu = pytest.importorskip("transformers.masking_utils")
+    from hf_flexattn.integrations import transformers as integ
+
+    tb.clear_templates()
+    got: list = []
+    real = tb._Successor.next_plan
+
+    def spy(self, *a):
+        got.append(real(self, *a))
+        return got[-1]
+
+    monkeypatch.setattr(tb._Successor, "next_plan", spy)
+    B, Hq, Hkv, E = 2, 4, 2, 16
+    S_max = max(S_range)
+    am = torch.ones(B, S_max, dtype=torch.long, device=DEV)
+    am[1, :37] = 0  # left padding in row 1
+    from_record = []
+    for step, S in enumerate(S_range):
+        n = len(got)
+        mask = am[:, :S].clone()  # generate concatenates a new tensor each step
+        with torch.no_grad():  # as in generate: the decoding step's mask
+            bm = integ.flex_mask(B, 1, S, S - 1, 0, mu.causal_mask_function, mask,
+                                 device=torch.device(DEV))
+        for layer in range(2):
+            q, k, v = _inputs(B, Hq, Hkv, 1, S, E, E, torch.float32, seed=100 * S + layer)
+            if q_strided_from is not None and step >= q_strided_from:
+                q = torch.cat([q, q], -1)[..., :E]  # other strides: another template
+            before = calls["decode"]
+            with torch.no_grad():
+                out = flex_attention(q, k, v, sm, bm, enable_gqa=True, kernel_options=TR)
+            assert calls["decode"] == before + 1
+            _ref_check(out, q, k, v, sm, bm, f"S={S} layer {layer}")
+        from_record.append(len(got) > n and got[n] is not None)
+    return from_record
+
+
+def test_decoding_steps_are_planned_from_the_last_step(calls, monkeypatch):
+    # the first step stores the template, the second plans from it and records itself; each
+    # later step's first call is planned from that record, except where the kv-block count
+    # grows (S = 385: new index views), which goes through the template and records again
+    steps = list(range(380, 390))
+    from_record = _integration_steps(steps, monkeypatch=monkeypatch, calls=calls)
+    expect = [S not in (380, 381, 385) for S in steps]
+    assert from_record == expect
+
+
+def test_step_record_is_not_used_where_the_call_differs(calls, monkeypatch):
+    # from the fourth step on q comes with other strides: no plan from the record (nor from
+    # the template: another layout is another template), every result still exact
+    steps = list(range(300, 306))
+    from_record = _integration_steps(steps, q_strided_from=3, monkeypatch=monkeypatch,
+                                     calls=calls)
+    assert from_record == [False, False, True, False, False, True]
+    # another score_mod (ALiBi slopes) than the recorded one: the record is not used
+    sm = M.alibi(torch.tensor([0.1, 0.5], device=DEV).repeat_interleave(2))
+    from_record = _integration_steps(steps[:3], sm=sm, monkeypatch=monkeypatch, calls=calls)
+    assert from_record == [False, False, True]
+
+
+def test_capture_args_match_runtime_args():
+    # the step record computes a mask's launch arguments from its new captures directly:
+    # the same values as binding the ModCode to them
+    from hf_flexattn.compiler import ModCode
+
+    t1 = torch.arange(6.0).reshape(2, 3)[:, 1:]
+    t2 = torch.tensor(5)
+    code = ModCode(kind="mask", key=("k",), captured=[t1, t2], specs=[], params=["x"])
+    args, ptrs = ModCode.capture_args([t1, t2])
+    assert list(args) == code.runtime_args()
+    assert list(ptrs) == code.runtime_args(pointers=True)

@@ -1030,7 +1030,7 @@ def _remember_plan(block_mask, query, key, value, score_mod, scale, opts, plan,
             return
     if len(plans) >= _MAX_PLANS:
         plans.clear()
-    grad_caps = tuple(t for t in score_caps if t.requires_grad)
+    grad_caps = tuple(t for t in score_caps if t.requires_grad) if score_caps else ()
     if pkey is None:
         pkey = _plan_key(query, key, value, score_mod, float(scale), opts)
     plans[pkey] = (plan, score_mod, grad_caps)
@@ -1105,6 +1105,15 @@ def _plan_from_template(query, key, value, score_mod, block_mask, scale, opts, p
     which validates everything, runs)."""
     if not isinstance(block_mask, _TorchBlockMask):
         return None
+    fam = getattr(block_mask.mask_mod, _FAMILY_ATTR, None)
+    if fam is None:
+        return None
+    succ = _SUCCESSORS.get(fam[0])
+    if succ is not None:
+        plan = succ.next_plan(query, key, value, score_mod, block_mask, fam[1], scale, opts,
+                              pkey)
+        if plan is not None:
+            return plan
     tkey = _template_key_of(pkey, block_mask)
     hit = None if tkey is None else _TEMPLATES.get(tkey)
     if hit is None or hit[1] is not score_mod:
@@ -1125,7 +1134,7 @@ def _plan_from_template(query, key, value, score_mod, block_mask, scale, opts, p
         or (fkvi is not None and (fkvi.device != kvn.device or fkvn.device != kvn.device))
     ):
         return None
-    caps = getattr(block_mask.mask_mod, _FAMILY_ATTR)[1]
+    caps = fam[1]
     device = pkey[11]
     for t in caps:
         if t.device != device:
@@ -1138,7 +1147,112 @@ def _plan_from_template(query, key, value, score_mod, block_mask, scale, opts, p
         (pkey[5], pkey[7]), raw=True,  # a family mask: the integration's own tensors
     )
     _remember_plan(block_mask, query, key, value, score_mod, scale, opts, plan, score_caps, pkey)
+    _Successor.record(fam[0], pkey, hit, e.mask_code, block_mask, caps, kv_block, cfg)
     return plan
+
+
+# The successor of a step. Inside one decoding loop the next step's first call differs from
+# the last step's in the key length (and the k/v strides and kv-block count that follow from
+# it) and in the mask's captured tensors (new offsets, a longer padding mask), while its
+# BlockMask usually holds the very same (cached) index views. The template path records the
+# step it planned, per mask family; the next step checks only what may have changed against
+# that record, skipping the template key and the checks the last step already passed.
+_SUCCESSORS: dict[Any, _Successor] = {}
+_MAX_SUCCESSORS = 16
+
+
+def clear_templates() -> None:
+    """Forget the decode templates and the steps recorded from them."""
+    _TEMPLATES.clear()
+    _SUCCESSORS.clear()
+
+
+class _Successor:
+    __slots__ = ("pkey", "kid", "score_mod", "score_caps", "template", "args_of", "kvn", "kvi",
+                 "fkvn", "fkvi", "block_size", "kv_sig", "caps_sig", "kv_block", "nkv", "cfg")
+
+    @staticmethod
+    def record(token: Any, pkey: tuple, hit: tuple, mask_code: Any, block_mask: Any,
+               caps: tuple, kv_block: int, cfg: Any) -> None:
+        if getattr(mask_code, "params", None):
+            args_of = getattr(mask_code, "capture_args", None)
+            if args_of is None:
+                return
+        elif caps:
+            return
+        else:
+            args_of = None
+        sig = []
+        for t in caps:
+            if _is_large(t):
+                return
+            sig.append((t.dtype, t.dim(), t.requires_grad))
+        r = _Successor()
+        r.pkey, (r.kid, r.score_mod, r.score_caps, r.template) = pkey, hit
+        r.args_of = args_of
+        r.kvn, r.kvi = block_mask.kv_num_blocks, block_mask.kv_indices
+        r.fkvn, r.fkvi = block_mask.full_kv_num_blocks, block_mask.full_kv_indices
+        r.block_size = tuple(block_mask.BLOCK_SIZE)
+        r.kv_sig = _Successor._kv_sig(pkey)
+        r.caps_sig = tuple(sig)
+        r.kv_block, r.nkv, r.cfg = kv_block, -(-pkey[4][2] // kv_block), cfg
+        if token not in _SUCCESSORS and len(_SUCCESSORS) >= _MAX_SUCCESSORS:
+            _SUCCESSORS.pop(next(iter(_SUCCESSORS)))
+        _SUCCESSORS[token] = r
+
+    @staticmethod
+    def _kv_sig(pkey: tuple) -> tuple:
+        # what the template key holds of k and v: all but the key length and the strides
+        # that follow from it
+        ks, kst, vs, vst = pkey[4], pkey[5], pkey[6], pkey[7]
+        return (ks[0], ks[1], ks[3], kst[3], vs[0], vs[1], vs[3], vst[3])
+
+    def next_plan(self, query, key, value, score_mod, block_mask, caps, scale, opts,
+                  pkey) -> Any:
+        """This step's DecodePlan, or None where anything but the key length, the strides
+        that follow from it and the captures' values differs from the recorded step."""
+        p = self.pkey
+        # opts, score_mod, q's shape and strides; the dtypes, devices, scale, backend switch
+        if pkey[:4] != p[:4] or pkey[8:] != p[8:] or self.score_mod is not score_mod:
+            return None
+        S = pkey[4][2]
+        if (
+            pkey[6][2] != S
+            or S < DECODE_MIN_S
+            or _Successor._kv_sig(pkey) != self.kv_sig
+            or block_mask.kv_num_blocks is not self.kvn
+            or block_mask.kv_indices is not self.kvi
+            or block_mask.full_kv_num_blocks is not self.fkvn
+            or block_mask.full_kv_indices is not self.fkvi
+            or tuple(block_mask.BLOCK_SIZE) != self.block_size
+            or tuple(block_mask.seq_lengths) != (pkey[2][2], S)
+            or len(caps) != len(self.caps_sig)
+        ):
+            return None
+        device = pkey[11]
+        for t, sig in zip(caps, self.caps_sig):
+            d = t.dim()
+            if t.device != device or (t.dtype, d, t.requires_grad) != sig or (
+                d and _is_large(t)
+            ):
+                return None
+        if self.score_caps and torch.is_grad_enabled() and any(
+            t.requires_grad for t in self.score_caps
+        ):
+            return None  # a learnable score_mod under autograd: the differentiable kernels
+        nkv = -(-S // self.kv_block)
+        if nkv != self.nkv:
+            self.cfg = _decode_config(device, pkey[8], pkey[2], pkey[4], pkey[6][3],
+                                      self.kv_block, None)
+            self.nkv = nkv
+        margs = ((), ()) if self.args_of is None else self.args_of(caps)
+        plan = self.template.plan(
+            key, value, self.kvn, self.kvi, self.fkvn, self.fkvi, None, self.cfg,
+            (pkey[5], pkey[7]), raw=True, mask_args=margs,
+        )
+        _remember_plan(block_mask, query, key, value, score_mod, scale, opts, plan,
+                       self.score_caps, pkey)
+        return plan
 
 
 def may_have_plan(block_mask: Any) -> bool:

@@ -131,6 +131,22 @@ class ModCode:
             out.extend(t.shape)
         return out
 
+    @staticmethod
+    def capture_args(tensors: list[Tensor] | tuple[Tensor, ...]) -> tuple[tuple, tuple]:
+        """``(runtime_args(), runtime_args(pointers=True))`` of a ModCode whose captured
+        tensors are ``tensors``, without binding one (a decoding step's new captures)."""
+        args: list = []
+        ptrs: list = []
+        for t in tensors:
+            st, sh = t.stride(), t.shape
+            args.append(t)
+            args.extend(st)
+            args.extend(sh)
+            ptrs.append(t.data_ptr())
+            ptrs.extend(st)
+            ptrs.extend(sh)
+        return tuple(args), tuple(ptrs)
+
     def grad_buffers(self) -> list[Tensor]:
         """Fresh zero fp32 buffers for :attr:`grad_params` (one per tensor needing grad)."""
         return [

@@ -590,7 +590,10 @@ def _structured_mask_mod(
         return ok
 
     token = ("hf_flexattn.structured", causal, window, docs is not None, pad is not None)
-    captures = tuple(t for t in (shift, docs, pad) if t is not None)
+    if docs is None:
+        captures = (shift,) if pad is None else (shift, pad)
+    else:
+        captures = (shift, docs) if pad is None else (shift, docs, pad)
     return freeze_family(flex_structured_mask, token, captures)
 
 
@@ -690,10 +693,12 @@ def _build_generic(
 _ANALYSED: OrderedDict[int, tuple] = OrderedDict()
 
 
-def _analyse_cached(fn: Callable) -> tuple[_Structure, torch.Tensor | None] | None:
+def _analyse_cached(
+    fn: Callable, copy: bool = True
+) -> tuple[_Structure, torch.Tensor | None] | None:
     """:func:`_analyse`, remembered for plain functions without a closure (Transformers'
-    ``causal_mask_function``, which every decoding step passes); a fresh structure each time,
-    since callers may change it."""
+    ``causal_mask_function``, which every decoding step passes); a fresh structure each time
+    (callers may change it) unless ``copy`` is false (the caller only reads it)."""
     if getattr(fn, "__closure__", True) is not None:
         return _analyse(fn)
     hit = _ANALYSED.get(id(fn))
@@ -704,6 +709,8 @@ def _analyse_cached(fn: Callable) -> tuple[_Structure, torch.Tensor | None] | No
     if res is None:
         return None
     st = res[0]
+    if not copy:
+        return res
     return _Structure(causal=st.causal, window=st.window, docs=st.docs), res[1]
 
 
@@ -733,7 +740,7 @@ def _one_q_tile_mask(
     windowed, ``mask_function`` without packed documents, with no device work and no cache
     (each step has new lengths); ``None`` where the general path of :func:`flex_mask` is
     needed (other structures, a padding mask to convert or pad)."""
-    parsed = _analyse_cached(mask_function)
+    parsed = _analyse_cached(mask_function, copy=False)  # read only
     if parsed is None or parsed[1] is not None:
         return None
     st = parsed[0]
