@@ -86,8 +86,11 @@ def default_fwd_config(
             return FwdConfig(128, 64, 4, 3)
         if d <= 128:
             # measured on H100, S=8192, 32 heads, bf16 (scratch sweep 2026-11-25): 128/128/8/2
-            # beats 128/64/4/3 by 10-40% (full 452 vs 355, documents 194 vs 115 TFLOPs)
-            return FwdConfig(128, 128, 8, 2)
+            # beats 128/64/4/3 by 10-40% (full 452 vs 355, documents 194 vs 115 TFLOPs); on
+            # the H200 (config_sweep.py, 2026-12-01/02) three stages are as fast or faster on
+            # every shape measured: causal 8k 1.28 vs 1.32 ms, documents 8k 1.16 vs 1.17,
+            # the training row 0.620 vs 0.622, the 8 x 2,048 prompt 0.373 vs 0.402
+            return FwdConfig(128, 128, 8, 3)
         return FwdConfig(64, 32, 4, 2)
     if capability[0] >= 8:
         if d <= 64:
@@ -162,6 +165,7 @@ $params
     Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     HAS_FULL: tl.constexpr, UPCAST: tl.constexpr, BIG: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    POS_SCALE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(2)
@@ -242,11 +246,7 @@ $I            k = k.to(tl.float32)
 $I            v = v.to(tl.float32)
 $I        qk = tl.dot(q, tl.trans(k)$prec)
 $I        kv_idx = offs_n[None, :]
-$score_body$mask_part$I        m_new = tl.maximum(m_i, tl.max(s2, 1))
-$I        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-$I        alpha = tl.exp2(m_i - m_use)
-$I        p = tl.exp2(s2 - m_use[:, None])
-$I        l_i = l_i * alpha + tl.sum(p, 1)
+$softmax$I        l_i = l_i * alpha + tl.sum(p, 1)
 $I        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None]$prec)
 $I        m_i = m_new
 """
@@ -293,9 +293,28 @@ def _fwd_loop(
     else:
         mask_part = f"{ind}if EVEN_N:\n{ind}    s2 = {scaled}\n{ind}else:\n"
         mask_part += f'{ind}    s2 = tl.where({bounds}, {scaled}, float("-inf"))\n'
-    return Template(_LOOP).substitute(
-        I=extra_indent, prec=prec, score_body=score_body, mask_part=mask_part, sik=sik
+    generic = score_body + mask_part + (
+        f"{ind}m_new = tl.maximum(m_i, tl.max(s2, 1))\n"
+        f'{ind}m_use = tl.where(m_new == float("-inf"), 0.0, m_new)\n'
+        f"{ind}alpha = tl.exp2(m_i - m_use)\n"
+        f"{ind}p = tl.exp2(s2 - m_use[:, None])\n"
     )
+    if partial or not _is_identity(score_code):
+        softmax = generic
+    else:
+        # full tiles of plain scores: every score is finite, so the running max is too and
+        # needs no -inf guard; with a positive scale the max is taken before scaling and
+        # each exponent is one fused multiply-add. A ragged last tile (not EVEN_N) may hold
+        # sub-tiles past S, whose rows see nothing: the generic form
+        sub = ind + "    "
+        softmax = (
+            f"{ind}if EVEN_N and POS_SCALE:\n"
+            f"{sub}m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)\n"
+            f"{sub}alpha = tl.exp2(m_i - m_new)\n"
+            f"{sub}p = tl.exp2(qk * qk_scale - m_new[:, None])\n"
+            f"{ind}else:\n" + _indent_lines(generic, "    ")
+        )
+    return Template(_LOOP).substitute(I=extra_indent, prec=prec, softmax=softmax, sik=sik)
 
 
 def _is_identity(score_code: Any) -> bool:
@@ -319,7 +338,7 @@ def render_fwd(score_code: Any, mask_code: Any, dtype: torch.dtype) -> str:
 
 def get_kernel(score_code: Any, mask_code: Any, dtype: torch.dtype) -> Any:
     """The jitted forward kernel for this pair of mods (rendered once per structure)."""
-    key = ("flex_fwd", 2, score_code.key, mask_code.key, str(dtype), dot_precision(dtype))
+    key = ("flex_fwd", 3, score_code.key, mask_code.key, str(dtype), dot_precision(dtype))
     mod = load_rendered("flex_fwd", key, lambda: render_fwd(score_code, mask_code, dtype))
     return mod.flex_fwd_kernel
 
@@ -413,6 +432,7 @@ def launch(
             EVEN_M=L % cfg.BLOCK_M == 0,
             EVEN_N=S % kv_block == 0,  # every kv sub-tile of a listed kv-block lies inside S
             EVEN_D=E == e_pad and Ev == ev_pad,
+            POS_SCALE=scale > 0,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         ),

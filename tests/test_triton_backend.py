@@ -231,6 +231,14 @@ def test_no_mask_cross_ev_ne_e():
     _run_case(1, 2, 2, 24, 56, 16, 48)
 
 
+@pytest.mark.parametrize("scale", [0.3, -0.7])
+def test_full_tiles_of_plain_scores_any_scale_sign(scale):
+    # full tiles without a score_mod take the max before scaling when the scale is positive
+    # (and the generic form otherwise); S a whole number of tiles, so both run on full tiles
+    _run_case(1, 2, 1, 32, 64, 16, 16, scale=scale, mask_mod=causal(32), grads=False)
+    _run_case(1, 2, 1, 32, 64, 16, 16, scale=scale, grads=False)
+
+
 def test_learnable_capture_grad_and_partial_tiles():
     slope = torch.tensor([0.05, -0.02, 0.1, 0.03], device=DEV, requires_grad=True)
     _run_case(

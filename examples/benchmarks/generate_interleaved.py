@@ -13,7 +13,11 @@ cache). Decoding here is bound by host (CPU) time, which varies a lot on a share
 - besides whole calls, every decoding step is timed (host timestamps from a logits processor;
   generate synchronises once per step), and the median over all steps of all rounds is
   reported: a few slow stretches on a noisy machine barely move it;
-- "paired" is the median over rounds of (flex - sdpa) for the two calls of one round.
+- "paired" is the median over rounds of (flex - sdpa) for the two calls of one round, for
+  whole calls, for the round's median step, and for the calling thread's CPU time
+  (``time.thread_time``: time the process was scheduled out does not count, which on a
+  shared host removes most of the noise; waits for the GPU count where the CUDA driver
+  spins, which is the same for both but for the prompt's GPU work).
 """
 
 import argparse
@@ -102,6 +106,7 @@ kw = dict(
     logits_processor=LogitsProcessorList([stamp]),
 )
 calls = {i: [] for i in impls}
+cpu = {i: [] for i in impls}
 prefill = {i: [] for i in impls}
 steps = {i: [] for i in impls}
 with torch.no_grad():
@@ -113,30 +118,40 @@ with torch.no_grad():
             m = models[i]
             stamps.clear()
             torch.cuda.synchronize()
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             m.generate(ids, **kw)
             torch.cuda.synchronize()
             calls[i].append((time.perf_counter() - t) * 1e3)
+            cpu[i].append((time.thread_time() - c) * 1e3)
             prefill[i].append((stamps[0] - t) * 1e3)  # the prompt's forward, to the 1st token
             steps[i].extend((b - a) * 1e3 for a, b in zip(stamps, stamps[1:]))
 print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, {args.rounds} rounds")
-print(f"{'impl':5s} {'call median ms':>15s} {'min':>8s} {'prefill ms':>11s} "
+print(f"{'impl':5s} {'call median ms':>15s} {'min':>8s} {'cpu ms':>8s} {'prefill ms':>11s} "
       f"{'step median ms':>15s}")
 for i in impls:
     print(
         f"{i:5s} {statistics.median(calls[i]):15.1f} {min(calls[i]):8.1f} "
-        f"{statistics.median(prefill[i]):11.1f} {statistics.median(steps[i]):15.3f}"
+        f"{statistics.median(cpu[i]):8.1f} {statistics.median(prefill[i]):11.1f} "
+        f"{statistics.median(steps[i]):15.3f}"
     )
     print(f"      all {[round(t) for t in calls[i]]}")
 if "flex" in calls and "sdpa" in calls:
-    diff = [f - s for f, s in zip(calls["flex"], calls["sdpa"])]
-    wins = sum(d < 0 for d in diff)
-    print(f"paired flex - sdpa: median {statistics.median(diff):+.1f} ms, flex faster in "
-          f"{wins} of {len(diff)} rounds")
+    run = {"rounds": args.rounds, "step_ms": steps}
+    step_r = {i: _round_medians(run, i) for i in ("flex", "sdpa")}
+    for name, a, b, unit in (
+        ("call", calls["flex"], calls["sdpa"], "ms"),
+        ("thread CPU", cpu["flex"], cpu["sdpa"], "ms"),
+        ("round's median step", step_r["flex"], step_r["sdpa"], "ms"),
+    ):
+        diff = [f - s for f, s in zip(a, b)]
+        wins = sum(d < 0 for d in diff)
+        print(f"paired flex - sdpa, {name}: median {statistics.median(diff):+.3f} {unit}, "
+              f"flex lower in {wins} of {len(diff)} rounds")
 if args.json:
     with open(args.json, "w") as f:
         json.dump(
             {"torch": torch.__version__, "device": torch.cuda.get_device_name(),
-             "rounds": args.rounds, "call_ms": calls, "prefill_ms": prefill, "step_ms": steps},
+             "rounds": args.rounds, "call_ms": calls, "cpu_ms": cpu, "prefill_ms": prefill,
+             "step_ms": steps},
             f,
         )

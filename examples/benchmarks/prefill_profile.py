@@ -14,7 +14,8 @@ forward of ``generate``). Per implementation it reports
 then the attention kernel alone on the prompt's shape (``[8, 16, 2048, 128]`` queries,
 8 kv heads): ours with the integration's BlockMask at the default forward config and at the
 configs of :data:`CONFIGS`, against ``scaled_dot_product_attention`` (``is_causal``) on its
-flash and cuDNN backends. Medians of CUDA-event timings.
+flash and cuDNN backends. Medians of CUDA-event timings over 10 back-to-back calls (one
+call's host time would otherwise count, see ``_events_ms``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ CONFIGS = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3),
            (64, 128, 4, 3), (64, 64, 4, 3), (128, 128, 4, 2)]
 
 
-def _events_ms(fn, n: int = 30) -> float:
+def _events_ms(fn, n: int = 15, inner: int = 10) -> float:
+    """GPU time of one call: CUDA events around ``inner`` back-to-back calls (so the GPU
+    queue stays full and a call's host time does not count), median of ``n``."""
     for _ in range(5):
         fn()
     torch.cuda.synchronize()
@@ -46,10 +49,11 @@ def _events_ms(fn, n: int = 30) -> float:
     for _ in range(n):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        for _ in range(inner):
+            fn()
         b.record()
         b.synchronize()
-        out.append(a.elapsed_time(b))
+        out.append(a.elapsed_time(b) / inner)
     return statistics.median(out)
 
 
