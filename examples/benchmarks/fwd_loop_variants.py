@@ -1,0 +1,185 @@
+"""Variants of the forward kernel's inner loop on Hopper, as standalone Triton kernels.
+
+    python examples/benchmarks/fwd_loop_variants.py      # on a CUDA machine (sm_90)
+
+The prompt's causal attention of the end-to-end generation benchmark: [8, 16, 2,048, 128]
+queries against 8 kv heads, bf16, with no BlockMask (off-band tiles unmasked, the on-band
+tile masked, as the library does with full and partial tiles). Each variant runs at a few
+(BLOCK_M, BLOCK_N, warps, stages) configs, is checked against fp32 sdpa and timed over 10
+back-to-back launches per CUDA-event pair, beside sdpa on cuDNN and on flash:
+
+* A: pointer loads, the library's softmax before 14323af (scale, then max, -inf guard);
+* B: pointer loads, row max taken before scaling and one fused multiply-add per exponent;
+* C: K and V loaded through host-side tensor descriptors (TMA), softmax as B;
+* D: C with ``warp_specialize=True`` loops; E: B with them.
+
+What it found (BENCHMARKS.md, session 8) decided the forward defaults; it is not a test.
+"""
+import itertools
+import statistics
+import sys
+
+import torch
+import triton
+import triton.language as tl
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except Exception as e:  # noqa: BLE001
+    TensorDescriptor = None
+    print("no TensorDescriptor", e)
+
+
+@triton.jit
+def _tile(q, k_t, v, acc, m_i, l_i, qk_scale, offs_m, start_n, offs_n,
+          MASKED: tl.constexpr, FMA: tl.constexpr):
+    qk = tl.dot(q, k_t)
+    if FMA:
+        if MASKED:
+            keep = offs_m[:, None] >= (start_n + offs_n[None, :])
+            s = tl.where(keep, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+    else:
+        s2 = qk * qk_scale
+        if MASKED:
+            keep = offs_m[:, None] >= (start_n + offs_n[None, :])
+            s2 = tl.where(keep, s2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s2, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s2 - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, m_new, l_i
+
+
+@triton.jit
+def fwd_kernel(Q, K, V, O, LSE, DK, DV,
+               s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
+               H, HKV, L, scale,
+               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               TMA: tl.constexpr, FMA: tl.constexpr, WS: tl.constexpr, REV: tl.constexpr):
+    pid_m = tl.program_id(0)
+    if REV:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    hkv = h // (H // HKV)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    q = tl.load(Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + offs_m[:, None] * s_qm
+                + offs_d[None, :])
+    qk_scale = scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    k_base = K + b.to(tl.int64) * s_kb + hkv.to(tl.int64) * s_kh
+    v_base = V + b.to(tl.int64) * s_vb + hkv.to(tl.int64) * s_vh
+    row0 = (b * HKV + hkv) * L
+    # off-band: [0, start_m), on-band: [start_m, start_m + BLOCK_M)
+    for start_n in tl.range(0, start_m, BLOCK_N, warp_specialize=WS):
+        if TMA:
+            k = DK.load([row0 + start_n, 0])
+            v = DV.load([row0 + start_n, 0])
+        else:
+            cols = start_n + offs_n
+            k = tl.load(k_base + cols[:, None] * s_kn + offs_d[None, :])
+            v = tl.load(v_base + cols[:, None] * s_vn + offs_d[None, :])
+        acc, m_i, l_i = _tile(q, tl.trans(k), v, acc, m_i, l_i, qk_scale, offs_m, start_n,
+                              offs_n, False, FMA)
+    for start_n in tl.range(start_m, start_m + BLOCK_M, BLOCK_N, warp_specialize=WS):
+        if TMA:
+            k = DK.load([row0 + start_n, 0])
+            v = DV.load([row0 + start_n, 0])
+        else:
+            cols = start_n + offs_n
+            k = tl.load(k_base + cols[:, None] * s_kn + offs_d[None, :])
+            v = tl.load(v_base + cols[:, None] * s_vn + offs_d[None, :])
+        acc, m_i, l_i = _tile(q, tl.trans(k), v, acc, m_i, l_i, qk_scale, offs_m, start_n,
+                              offs_n, True, FMA)
+    out = acc / l_i[:, None]
+    tl.store(O + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + offs_m[:, None] * s_om
+             + offs_d[None, :], out.to(O.dtype.element_ty))
+    tl.store(LSE + (b * H + h).to(tl.int64) * L + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453)
+
+
+def run(q, k, v, cfg, tma, fma, ws, rev=False):
+    B, H, L, D = q.shape
+    Hkv = k.shape[1]
+    bm, bn, w, s = cfg
+    out = torch.empty(B, L, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)
+    lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
+    if tma:
+        dk = TensorDescriptor.from_tensor(k.reshape(-1, D), [bn, D])
+        dv = TensorDescriptor.from_tensor(v.reshape(-1, D), [bn, D])
+    else:
+        dk = dv = k
+    fwd_kernel[(L // bm, H, B)](
+        q, k, v, out, lse, dk, dv, q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), H, Hkv, L, D**-0.5,
+        D=D, BLOCK_M=bm, BLOCK_N=bn, TMA=tma, FMA=fma, WS=ws, REV=rev,
+        num_warps=w, num_stages=s)
+    return out
+
+
+def events_ms(fn, n=15, inner=10):
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(n):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(inner):
+            fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / inner)
+    return statistics.median(ts)
+
+
+def main():
+    torch.manual_seed(0)
+    B, H, Hkv, L, D = 8, 16, 8, 2048, 128
+    dt = torch.bfloat16
+    q = torch.randn(B, L, H, D, device="cuda", dtype=dt).transpose(1, 2)
+    k = torch.randn(B, Hkv, L, D, device="cuda", dtype=dt)
+    v = torch.randn(B, Hkv, L, D, device="cuda", dtype=dt)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(2, 1), v.float().repeat_interleave(2, 1),
+        is_causal=True)
+    for be in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
+        with sdpa_kernel(be):
+            f = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+                q, k, v, is_causal=True, enable_gqa=True)
+            print(f"sdpa {be.name:20s} {events_ms(f):.3f} ms", flush=True)
+    cfgs = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3),
+            (128, 64, 4, 4), (64, 64, 4, 3), (128, 128, 4, 2)]
+    variants = [("A ptr ours", False, False, False), ("B ptr fma", False, True, False),
+                ("C tma fma", True, True, False), ("D tma fma ws", True, True, True),
+                ("E ptr fma ws", False, True, True)]
+    if TensorDescriptor is None:
+        variants = variants[:2]
+    for (name, tma, fma, ws), cfg in itertools.product(variants, cfgs):
+        try:
+            o = run(q, k, v, cfg, tma, fma, ws)
+            torch.cuda.synchronize()
+            err = (o.float() - ref).abs().max().item()
+            ms = events_ms(lambda: run(q, k, v, cfg, tma, fma, ws))  # noqa: B023
+            print(f"{name:14s} {cfg} {ms:.3f} ms err {err:.4f}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"{name:14s} {cfg} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
