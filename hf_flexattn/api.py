@@ -29,7 +29,7 @@ _KNOWN_OPTIONS = {
     "bwd_BLOCK_M", "bwd_BLOCK_N", "bwd_num_warps", "bwd_num_stages",
     "bwd_dq_BLOCK_M", "bwd_dq_BLOCK_N", "bwd_dq_num_warps", "bwd_dq_num_stages",
     "bwd_fused",
-    "chunk_columns", "decode", "split_kv",
+    "chunk_columns", "decode", "split_kv", "tma",
 }
 
 

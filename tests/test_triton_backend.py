@@ -239,6 +239,52 @@ def test_full_tiles_of_plain_scores_any_scale_sign(scale):
     _run_case(1, 2, 1, 32, 64, 16, 16, scale=scale, grads=False)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tma_loads_match_pointer_loads(dtype):
+    # kernel_options["tma"]: K and V through tensor descriptors. Rows past S (ragged last
+    # tile) and dims past E (E=24 padded to 32) read as zeros, as the masked loads do; k/v in
+    # Transformers' [B, S, H, D] memory order; a partial and a full loop; GQA
+    from hf_flexattn.kernels import flex_fwd
+
+    g = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, L, S, E = 2, 4, 2, 40, 72, 24
+    q = torch.randn(B, Hq, L, E, generator=g).to(DEV, dtype)
+    k = torch.randn(B, S, Hkv, E, generator=g).to(DEV, dtype).transpose(1, 2)
+    v = torch.randn(B, S, Hkv, E, generator=g).to(DEV, dtype).transpose(1, 2)
+    assert flex_fwd.tma_descriptors(k, v, 16, 32, 32) is not None
+    mask = causal(S - L)
+    bm = create_block_mask(mask, None, None, L, S, device=DEV, BLOCK_SIZE=(16, 32))
+    outs = {}
+    for tma in (False, True):
+        outs[tma] = flex_attention(q, k, v, None, bm, enable_gqa=True, return_lse=True,
+                                   kernel_options=dict(TRITON, tma=tma))
+    r_out, r_lse = reference_attention(q, k, v, None, mask, None, True)
+    b_out, b_lse = reference_attention(q, k, v, None, mask, None, True, compute_dtype=dtype)
+    for tma, (out, lse) in outs.items():
+        assert_close_by_ratio(out, r_out, b_out, f"out tma={tma}")
+        assert_close_by_ratio(lse, r_lse, b_lse, f"lse tma={tma}")
+    # the same tiles in the same order: the two agree exactly
+    torch.testing.assert_close(outs[True][0], outs[False][0], atol=0, rtol=0)
+
+
+def test_tma_option_checks_and_fallback():
+    from hf_flexattn.kernels import flex_fwd
+
+    q, k, v = (torch.randn(1, 2, 32, 16, device=DEV) for _ in range(3))
+    bm = create_block_mask(noop_mask, None, None, 32, 32, device=DEV, BLOCK_SIZE=(16, 16))
+    with pytest.raises(ValueError, match='kernel_options\\["tma"\\] must be a bool'):
+        flex_attention(q, k, v, block_mask=bm, kernel_options=dict(TRITON, tma="yes"))
+    # tensors that do not qualify (last dim not contiguous, a head dim of 6 bytes) run the
+    # pointer loads, with the same results
+    kt = torch.randn(1, 2, 16, 32, device=DEV).transpose(2, 3)
+    assert flex_fwd.tma_descriptors(kt, kt, 16, 16, 16) is None
+    small = torch.randn(1, 2, 32, 3, device=DEV, dtype=torch.float16)
+    assert flex_fwd.tma_descriptors(small, small, 16, 16, 16) is None
+    want = flex_attention(q, kt, kt, block_mask=bm, kernel_options=TRITON)
+    got = flex_attention(q, kt, kt, block_mask=bm, kernel_options=dict(TRITON, tma=True))
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 def test_learnable_capture_grad_and_partial_tiles():
     slope = torch.tensor([0.05, -0.02, 0.1, 0.03], device=DEV, requires_grad=True)
     _run_case(
@@ -436,8 +482,9 @@ def test_bwd_config_defaults_and_overrides():
         "bwd_dq_num_stages": 1,
     }
     cfg = flex_bwd.choose_bwd_config((9, 0), bf16, 128, 8192, 128, 128, opts)
-    assert tuple(vars(cfg.dkdv).values()) == (32, 64, 4, 2)
-    assert tuple(vars(cfg.dq).values()) == (64, 32, 8, 1)
+    tiles = lambda c: (c.BLOCK_M, c.BLOCK_N, c.num_warps, c.num_stages)  # noqa: E731
+    assert tiles(cfg.dkdv) == (32, 64, 4, 2) and not cfg.dkdv.tma
+    assert tiles(cfg.dq) == (64, 32, 8, 1) and not cfg.dq.tma
     with pytest.raises(ValueError, match="bwd_dq_BLOCK_N"):
         flex_bwd.choose_bwd_config((9, 0), bf16, 128, 128, 128, 128, {"bwd_dq_BLOCK_N": 48})
     with pytest.raises(ValueError, match="bwd_dq_num_warps"):
@@ -573,6 +620,36 @@ def test_cuda_large_causal_gqa(dtype, D):
         params=[slope],
         block=(128, 128),
     )
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("D", [64, 128])
+def test_cuda_tma_forward_default_tiles(D):
+    # the forward with tensor-descriptor K/V loads at the Hopper default tiles (128 x 128):
+    # a ragged causal prompt, GQA, k/v in Transformers' [B, S, H, D] memory order, a
+    # score_mod; both against fp64
+    from hf_flexattn.kernels import flex_fwd
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need compute capability 9")
+    g = torch.Generator().manual_seed(5)
+    B, Hq, Hkv, L = 2, 8, 2, 1024 + 37
+    dt = torch.bfloat16
+    q = torch.randn(B, L, Hq, D, generator=g).to(DEV, dt).transpose(1, 2)
+    k = torch.randn(B, L, Hkv, D, generator=g).to(DEV, dt).transpose(1, 2)
+    v = torch.randn(B, L, Hkv, D, generator=g).to(DEV, dt).transpose(1, 2)
+    assert flex_fwd.tma_descriptors(k, v, 128, D, D) is not None
+    slope = torch.tensor([0.01 * (i + 1) for i in range(Hq)], device=DEV)
+    sm, mm = head_slope(slope), causal()
+    bm = create_block_mask(mm, None, None, L, L, device=DEV, BLOCK_SIZE=(128, 128))
+    outs = [
+        flex_attention(q, k, v, sm, bm, enable_gqa=True, kernel_options=dict(TRITON, tma=t))
+        for t in (False, True)
+    ]
+    r, _ = reference_attention(q, k, v, sm, mm, None, True)
+    b, _ = reference_attention(q, k, v, sm, mm, None, True, compute_dtype=dt)
+    assert_close_by_ratio(outs[0], r, b, "out pointer loads")
+    assert_close_by_ratio(outs[1], r, b, "out tma")
 
 
 @pytest.mark.cuda
