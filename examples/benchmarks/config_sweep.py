@@ -144,6 +144,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if "fwd" in kinds:
         for cfg in QUICK if args.quick else FWD:
             measure("fwd", _cfg_label(cfg), _opts("", cfg), False)
+        measure("fwd", "default tma", {"tma": True}, False)  # K/V via tensor descriptors
     if "dkdv" in kinds:
         for cfg in QUICK if args.quick else DKDV:
             measure("bwd_dkdv", _cfg_label(cfg), _opts("bwd_", cfg), True)

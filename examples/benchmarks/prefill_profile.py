@@ -13,7 +13,8 @@ forward of ``generate``). Per implementation it reports
 
 then the attention kernel alone on the prompt's shape (``[8, 16, 2048, 128]`` queries,
 8 kv heads): ours with the integration's BlockMask at the default forward config and at the
-configs of :data:`CONFIGS`, against ``scaled_dot_product_attention`` (``is_causal``) on its
+configs of :data:`CONFIGS` (and the default tiles with ``kernel_options["tma"]``), against
+``scaled_dot_product_attention`` (``is_causal``) on its
 flash and cuDNN backends. Medians of CUDA-event timings over 10 back-to-back calls (one
 call's host time would otherwise count, see ``_events_ms``).
 """
@@ -129,11 +130,15 @@ def _kernel_rows(dev: torch.device, sweep: bool) -> dict:
                                                 q, k, v, is_causal=True, enable_gqa=True))
             except RuntimeError as e:
                 rows[name] = str(e)[:80]
-        cfgs = [None] + (CONFIGS if sweep else [])
+        cfgs = [None, "tma"] + (CONFIGS if sweep else [])
         names = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
         for (mname, bm), cfg in itertools.product(masks.items(), cfgs):
-            opts = {} if cfg is None else dict(zip(names, cfg))
-            tag = "default" if cfg is None else "{}x{}w{}s{}".format(*cfg)
+            if cfg in (None, "tma"):  # the default tiles, with pointer or descriptor loads
+                opts = {} if cfg is None else {"tma": True}
+                tag = "default" if cfg is None else "default_tma"
+            else:
+                opts = dict(zip(names, cfg))
+                tag = "{}x{}w{}s{}".format(*cfg)
             label = f"ours_{mname}_{tag}"
             try:
                 out = hf_flexattn.flex_attention(
