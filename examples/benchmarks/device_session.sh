@@ -8,6 +8,9 @@
 #   bash examples/benchmarks/device_session.sh sweep      # kernel configs on the training shape
 #   bash examples/benchmarks/device_session.sh bwd        # fused vs two-launch backward, 3 shapes
 #   bash examples/benchmarks/device_session.sh profile    # GPU time of our training step by kernel
+#   bash examples/benchmarks/device_session.sh suite_a    # every test of the kernel file on CUDA
+#   bash examples/benchmarks/device_session.sh suite_b    # every decode/launch/Transformers test
+#   bash examples/benchmarks/device_session.sh prompt     # the prompt's attention (TMA too), long A/B
 #
 # Logs and results go to $OUT (the device tool brings that folder back), or ./device_out.
 set -uo pipefail
@@ -86,7 +89,28 @@ profile)
     timeout 120 python3 examples/benchmarks/profile_train_step.py --top 25 2>&1 \
         | tee "$OUT/profile_flex.log" | tail -32
     ;;
+suite_a)
+    # not only the cuda-marked tests: the interpreter-marked ones also run on the GPU here
+    timeout 560 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_triton_backend.py \
+        2>&1 | tee "$OUT/cuda_triton_backend_all.log" | tail -25
+    ;;
+suite_b)
+    timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_decode.py \
+        tests/test_launch.py 2>&1 | tee "$OUT/cuda_decode_all.log" | tail -20
+    HF_FLEXATTN_TEST_DEVICE=cuda HF_FLEXATTN_BACKEND=triton timeout 250 python3 -m pytest -q \
+        -p no:cacheprovider --tb=short tests/test_transformers.py 2>&1 \
+        | tee "$OUT/cuda_transformers.log" | tail -10
+    ;;
+prompt)
+    # the prompt's attention at the default tiles, pointer and TMA loads, then a long
+    # interleaved generation run (paired per-round step medians)
+    timeout 200 python3 examples/benchmarks/prefill_profile.py --json "$OUT/prefill.json" 2>&1 \
+        | tee "$OUT/prefill.log" | grep -v "^ \|^\[\|^\]\|^{\|^}" | tail -30
+    timeout 330 python3 examples/benchmarks/generate_interleaved.py 60 \
+        --json "$OUT/interleaved60.json" 2>&1 | tee "$OUT/interleaved60.log" | tail -10
+    ;;
 *)
-    echo "unknown stage $1 (tests, train, generate, recipe, sweep, bwd, profile)"; exit 2
+    echo "unknown stage $1 (tests, train, generate, recipe, sweep, bwd, profile, suite_a,"\
+        "suite_b, prompt)"; exit 2
     ;;
 esac
