@@ -53,8 +53,10 @@ from .flex_fwd import (
     LN2,
     LOG2E,
     FwdConfig,
+    _is_identity,
     choose_config,
     dot_precision,
+    fp_fusion,
     index_args,
     needs_int64,
     next_pow2,
@@ -252,6 +254,7 @@ $params
     dk = tl.zeros([BLOCK_N, E_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, EV_PAD], dtype=tl.float32)
     kv_idx = offs_n[:, None]
+    qk_scale = scale * LOG2E  # as the forward computes it
     for g in range(0, GROUP):
         h = hkv * GROUP + g
         q_base = Q + b64 * s_qb + h.to(tl.int64) * s_qh
@@ -302,8 +305,8 @@ $I                do = do.to(tl.float32)
 $I            lse2 = tl.load(LSE2 + row_base + offs_m)
 $I            delta = tl.load(DELTA + row_base + offs_m)
 $I            q_idx = offs_m[None, :]
-$I            sT = tl.dot(k, qT$prec) * scale
-$score_body$valid$I            pT = tl.exp2(s2 * LOG2E - lse2[None, :])
+$I            sT = tl.dot(k, qT$prec)$scaled
+$score_body$valid$I            pT = tl.exp2(s2 * $to_log2 - lse2[None, :])
 $where_p$I            dv = tl.dot(pT.to(do.dtype), do, dv$prec)
 $I            dpT = tl.dot(v, tl.trans(do)$prec)
 $I            dsT = pT * (dpT - delta[None, :])
@@ -366,6 +369,7 @@ $params
     v_base = V + b64 * s_vb + hkv.to(tl.int64) * s_vh
     dq = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
     q_idx = offs_m[:, None]
+    qk_scale = scale * LOG2E  # as the forward computes it
     nb = tl.load(KV_NUM + b * s_nb + h * s_nh + qblk * s_nq)
     idx_base = KV_IDX + b * s_ib + h * s_ih + qblk * s_iq
 $partial_loop
@@ -404,8 +408,8 @@ $I        if UPCAST:
 $I            kT = kT.to(tl.float32)
 $I            vT = vT.to(tl.float32)
 $I        kv_idx = offs_n[None, :]
-$I        s = tl.dot(q, kT$prec) * scale
-$score_body$valid$I        p = tl.exp2(s2 * LOG2E - lse2[:, None])
+$I        s = tl.dot(q, kT$prec)$scaled
+$score_body$valid$I        p = tl.exp2(s2 * $to_log2 - lse2[:, None])
 $where_p$I        dp = tl.dot(do, vT$prec)
 $I        ds = p * (dp - delta[:, None])
 $grad_body$where_gs$I        dq = tl.dot(gs.to(kT.dtype), tl.trans(kT), dq$prec)
@@ -473,9 +477,15 @@ def _loop(
     )
     if not transposed:  # captured-tensor gradients are accumulated by the dK/dV kernel only
         grad_body = _strip_atomics(grad_body)
+    # without a score_mod the exponent is the forward's own, q.k * (scale * log2 e) with one
+    # rounding: the recomputed P then matches the forward's normaliser to the last bit where
+    # the dot products agree, which large scores need (the lse carries an absolute error)
+    plain = _is_identity(score_code)
     return Template(template).substitute(
         I=extra,
         prec=prec,
+        scaled="" if plain else " * scale",
+        to_log2="qk_scale" if plain else "LOG2E",
         score_body=score_body,
         valid=valid,
         where_p=where_p,
@@ -581,7 +591,7 @@ def render_bwd(score_code: Any, mask_code: Any, dtype: torch.dtype) -> str:
 def get_kernels(score_code: Any, mask_code: Any, dtype: torch.dtype) -> tuple[Any, Any, Any]:
     """(dK/dV kernel, dQ kernel, fused kernel) for this pair of mods, rendered once per
     structure."""
-    key = ("flex_bwd", 3, score_code.key, mask_code.key, str(dtype), dot_precision(dtype))
+    key = ("flex_bwd", 4, score_code.key, mask_code.key, str(dtype), dot_precision(dtype))
     mod = load_rendered("flex_bwd", key, lambda: render_bwd(score_code, mask_code, dtype))
     return mod.flex_bwd_dkdv_kernel, mod.flex_bwd_dq_kernel, mod.flex_bwd_kernel
 
@@ -718,17 +728,20 @@ def launch_bwd(
         **common,
     )
     n_kv, n_q = math.ceil(S / c1.BLOCK_N), math.ceil(L / c2.BLOCK_M)
+    fusion = fp_fusion(q.dtype)
     if cfg.fused:
         args = {"NKV_TILES": n_kv, "NQ_TILES": n_q}
         for part, vals in (("dkdv", dkdv_args), ("dq", dq_args)):
             ren = _FUSED_NAMES[part]
             args.update((ren.get(n, n), x) for n, x in vals.items())
         fused_kernel[(n_kv + (H // Hkv) * n_q, Hkv, B)](
-            **args, num_warps=c1.num_warps, num_stages=c1.num_stages
+            **args, num_warps=c1.num_warps, num_stages=c1.num_stages, **fusion
         )
     else:
         dkdv_kernel[(n_kv, Hkv, B)](
-            **dkdv_args, num_warps=c1.num_warps, num_stages=c1.num_stages
+            **dkdv_args, num_warps=c1.num_warps, num_stages=c1.num_stages, **fusion
         )
-        dq_kernel[(n_q, H, B)](**dq_args, num_warps=c2.num_warps, num_stages=c2.num_stages)
+        dq_kernel[(n_q, H, B)](
+            **dq_args, num_warps=c2.num_warps, num_stages=c2.num_stages, **fusion
+        )
     return dq, dk, dv
