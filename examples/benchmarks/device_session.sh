@@ -10,7 +10,7 @@
 #   bash examples/benchmarks/device_session.sh profile    # GPU time of our training step by kernel
 #   bash examples/benchmarks/device_session.sh suite_a    # every test of the kernel file on CUDA
 #   bash examples/benchmarks/device_session.sh suite_b    # every decode/launch/Transformers test
-#   bash examples/benchmarks/device_session.sh prompt     # the prompt's attention (TMA too), long A/B
+#   bash examples/benchmarks/device_session.sh prompt     # prompt attention (TMA too), 40-round A/B
 #
 # Logs and results go to $OUT (the device tool brings that folder back), or ./device_out.
 set -uo pipefail
@@ -102,12 +102,16 @@ suite_b)
         | tee "$OUT/cuda_transformers.log" | tail -10
     ;;
 prompt)
-    # the prompt's attention at the default tiles, pointer and TMA loads, then a long
-    # interleaved generation run (paired per-round step medians)
-    timeout 200 python3 examples/benchmarks/prefill_profile.py --json "$OUT/prefill.json" 2>&1 \
+    # the prompt's attention at the default tiles, pointer and TMA loads; a long interleaved
+    # generation run (paired per-round step medians); where a step's host time goes inside
+    # generate (mask, first layer, later layers)
+    timeout 150 python3 examples/benchmarks/prefill_profile.py --json "$OUT/prefill.json" 2>&1 \
         | tee "$OUT/prefill.log" | grep -v "^ \|^\[\|^\]\|^{\|^}" | tail -30
-    timeout 330 python3 examples/benchmarks/generate_interleaved.py 60 \
-        --json "$OUT/interleaved60.json" 2>&1 | tee "$OUT/interleaved60.log" | tail -10
+    timeout 220 python3 examples/benchmarks/generate_interleaved.py 40 \
+        --json "$OUT/interleaved40.json" 2>&1 | tee "$OUT/interleaved40.log" | tail -10
+    timeout 110 python3 examples/benchmarks/host_overhead_cpu.py --device cuda --prompt 2048 \
+        --rounds 6 --json "$OUT/breakdown.json" --label cuda 2>&1 | tee "$OUT/breakdown.log" \
+        | tail -4
     ;;
 *)
     echo "unknown stage $1 (tests, train, generate, recipe, sweep, bwd, profile, suite_a,"\
