@@ -382,9 +382,10 @@ def _to_block_mask(
 _ONE_Q_TILE_FAST_PATH = True
 
 _INDEX_BUFFERS: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-# (counts, indices, full counts, full indices) views per (device, n, ranges): consecutive
-# decoding steps mostly share them
-_INDEX_VIEWS: OrderedDict[tuple, tuple[torch.Tensor, ...]] = OrderedDict()
+# per (device, n, ranges, block): the attributes of a decoding step's BlockMask but its
+# lengths and mask_mod (the index tensors are views of _index_buffer); consecutive decoding
+# steps mostly share them
+_INDEX_VIEWS: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
 
 
 def _index_buffer(n: int, device: torch.device) -> torch.Tensor:
@@ -436,34 +437,37 @@ def _one_q_tile_ranges(
     allowed, full where every pair is and nothing is padded (``padded`` false). Partial tiles
     are visible minus full; when that is not one range (a window whose two ends both cut
     tiles), every visible tile is made partial, which only costs mask_mod evaluations.
+
+    Tile starts are uniform, ``kv_offset + j * block``; tile ends too, ``kv_offset + (j + 1) *
+    block - 1``, except the last one's, cut at ``kv_offset + kv_length - 1``. The first tile
+    starting at or after ``t`` is ``clamp(ceil((t - kv_offset) / block), 0, n)``; the first one
+    ending at or after ``t`` is ``clamp(ceil((t - kv_offset + 1) / block) - 1, 0, n)``, or
+    ``n`` if that is the last tile and its cut end lies before ``t``. (Written out inline: this
+    runs once per decoding step.)
     """
     n = -(-kv_length // block)
     q0, q1 = q_offset, q_offset + q_length - 1
-    last_end = kv_offset + kv_length - 1  # last key's position (end of the ragged last tile)
-
-    def first_start_at_least(t: int) -> int:
-        # first tile j with kv_offset + j * block >= t (tile starts are uniform)
-        return min(max(-((kv_offset - t) // block), 0), n)
-
-    def first_end_at_least(t: int) -> int:
-        # first tile j with end_j >= t, end_j = kv_offset + min((j + 1) * block, kv_length) - 1;
-        # ends are uniform except the last tile's, which is cut at kv_length
-        j = min(max(-((kv_offset - 1 - t) // block) - 1, 0), n)
-        if j == n - 1 and last_end < t:
-            j = n
-        return j
-
-    hi = first_start_at_least(q1 + 1)  # visible: start <= q1
-    full_hi = first_end_at_least(q0 + 1)  # full (causal): end <= q0
+    last_end = kv_offset + kv_length - 1
+    hi = min(max(-((kv_offset - q1 - 1) // block), 0), n)  # visible: start <= q1
     if window is None:
-        lo = full_lo = 0
-    else:
-        lo = first_end_at_least(q0 - window + 1)  # visible (window): end > q0 - W
-        full_lo = first_start_at_least(q1 - window + 1)  # full (window): start > q1 - W
+        lo = 0
+    else:  # visible (window): end > q0 - W
+        t = q0 - window + 1
+        lo = min(max(-((kv_offset - 1 - t) // block) - 1, 0), n)
+        if lo == n - 1 and last_end < t:
+            lo = n
     if lo >= hi:
         return 0, 0, 0, 0
+    if padded:
+        return lo, hi - lo, 0, 0
+    t = q0 + 1  # full (causal): end <= q0
+    full_hi = min(max(-((kv_offset - 1 - t) // block) - 1, 0), n)
+    if full_hi == n - 1 and last_end < t:
+        full_hi = n
+    # full (window): start > q1 - W
+    full_lo = 0 if window is None else min(max(-((kv_offset - q1 + window - 1) // block), 0), n)
     fa, fb = max(full_lo, lo), min(full_hi, hi)
-    if padded or fa >= fb:
+    if fa >= fb:
         return lo, hi - lo, 0, 0
     if lo < fa and fb < hi:  # partial tiles on both sides of the full ones
         return lo, hi - lo, 0, 0
@@ -492,35 +496,39 @@ def _build_one_q_tile(
     ps, pc, fs, fc = _one_q_tile_ranges(
         q_length, kv_length, q_offset, kv_offset, st.window, block, pad is not None
     )
-    key = (device, n, ps, pc, fs, fc)
-    views = _INDEX_VIEWS.get(key)
-    if views is None or _capturing(device):
-        buf = _index_buffer(n, device)
-        views = (
-            buf.as_strided((1, 1, 1), (1, 1, 1), n + pc),
-            buf.as_strided((1, 1, 1, n), (n, n, n, 1), ps),
-            buf.as_strided((1, 1, 1), (1, 1, 1), n + fc),
-            buf.as_strided((1, 1, 1, n), (n, n, n, 1), fs),
-        )
-        if not _capturing(device):
-            _bounded_put(_INDEX_VIEWS, key, views, 256)
+    key = (device, n, ps, pc, fs, fc, block)
     # pad covers the kv_length keys; the kernels never read a captured tensor past its end
     # and the torch backend never evaluates keys past kv_length, so no copy padded to whole
     # tiles is needed (that would be one more kernel per decoding step)
     mask_mod = _structured_mask_mod(st, q_offset, kv_offset, pad, device)
-    return BlockMask(
-        seq_lengths=(q_length, kv_length),
-        kv_num_blocks=views[0],
-        kv_indices=views[1],
-        full_kv_num_blocks=views[2],
-        full_kv_indices=views[3],
-        q_num_blocks=None,
-        q_indices=None,
-        full_q_num_blocks=None,
-        full_q_indices=None,
-        BLOCK_SIZE=(block, block),
-        mask_mod=mask_mod,
-    )
+    proto = _INDEX_VIEWS.get(key)
+    if proto is None or _capturing(device):
+        buf = _index_buffer(n, device)
+        bm = BlockMask(
+            seq_lengths=(q_length, kv_length),
+            kv_num_blocks=buf.as_strided((1, 1, 1), (1, 1, 1), n + pc),
+            kv_indices=buf.as_strided((1, 1, 1, n), (n, n, n, 1), ps),
+            full_kv_num_blocks=buf.as_strided((1, 1, 1), (1, 1, 1), n + fc),
+            full_kv_indices=buf.as_strided((1, 1, 1, n), (n, n, n, 1), fs),
+            q_num_blocks=None,
+            q_indices=None,
+            full_q_num_blocks=None,
+            full_q_indices=None,
+            BLOCK_SIZE=(block, block),
+            mask_mod=mask_mod,
+        )
+        if not _capturing(device):
+            # what BlockMask.__init__ set, but this step's lengths and mask_mod: later steps
+            # of this tile layout copy it instead of running __init__ (once per step, cold)
+            proto = {k: x for k, x in vars(bm).items() if k not in ("seq_lengths", "mask_mod")}
+            _bounded_put(_INDEX_VIEWS, key, proto, 256)
+        return bm
+    bm = BlockMask.__new__(BlockMask)
+    d = vars(bm)
+    d.update(proto)
+    d["seq_lengths"] = (q_length, kv_length)
+    d["mask_mod"] = mask_mod
+    return bm
 
 
 _OFFSETS: OrderedDict[tuple, torch.Tensor] = OrderedDict()
@@ -750,7 +758,10 @@ def _one_q_tile_mask(
     if attention_mask is not None:
         if not _padding_as_given(attention_mask, device, kv_offset + kv_length):
             return None
-        pad = attention_mask[:, kv_offset : kv_offset + kv_length]
+        if kv_offset == 0 and attention_mask.shape[1] == kv_length:
+            pad = attention_mask  # a dynamic cache's step: the mask is exactly the keys
+        else:
+            pad = attention_mask[:, kv_offset : kv_offset + kv_length]
         if pad.shape[0] != batch_size:
             pad = pad.expand(batch_size, -1)
     bm = _build_one_q_tile(st, pad, q_length, kv_length, q_offset, kv_offset, device, block)
@@ -796,9 +807,15 @@ def flex_mask(
         mask_function = mu.causal_mask_function
     if not callable(mask_function):
         raise TypeError(f"mask_function must be callable, got {type(mask_function).__name__}.")
-    for name, v in (("batch_size", batch_size), ("q_length", q_length), ("kv_length", kv_length)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}.")
+    if not (
+        type(batch_size) is int and type(q_length) is int and type(kv_length) is int
+        and batch_size > 0 and q_length > 0 and kv_length > 0
+    ):  # the fast check first: this runs once per decoding step
+        for name, v in (
+            ("batch_size", batch_size), ("q_length", q_length), ("kv_length", kv_length)
+        ):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}.")
     if isinstance(kv_offset, torch.Tensor):
         kv_offset = int(kv_offset)
     if attention_mask is not None and (
@@ -812,7 +829,8 @@ def flex_mask(
         raise ValueError(f"attention_mask must be a 2-D padding mask [B, S] or None, got {got}.")
     if device is None:
         device = attention_mask.device if attention_mask is not None else torch.device("cpu")
-    device = torch.device(device)
+    if type(device) is not torch.device:
+        device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         # cached buffers are keyed by device: "cuda" alone would follow the current device
         device = torch.device("cuda", torch.cuda.current_device())
