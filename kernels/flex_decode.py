@@ -504,6 +504,8 @@ class DecodeTemplate:
         # (step argument spec, config, BIG, EVEN_N) -> (constexprs, tail spec, shared entry)
         self.steps: dict[tuple, tuple] = {}
         self._idx: tuple | None = None  # the last step's index tensors and their part
+        # (index part, config, {(own spec, BIG, EVEN_N): steps entry}) of the last raw steps
+        self._fast: tuple | None = None
 
     def _index_part(self, kv_num: torch.Tensor, kv_idx: torch.Tensor,
                     full_num: torch.Tensor | None, full_idx: torch.Tensor | None,
@@ -540,8 +542,8 @@ class DecodeTemplate:
         has them (then ``mask_code`` is not read))."""
         S, ns = k.shape[2], cfg.num_splits
         ks, vs = (k.stride(), v.stride()) if kv_strides is None else kv_strides
-        idx_args, idx_spec, idx_direct = self._index_part(kv_num, kv_idx, full_num, full_idx,
-                                                          raw)
+        idx_part = self._index_part(kv_num, kv_idx, full_num, full_idx, raw)
+        idx_args, idx_spec, idx_direct = idx_part
         if mask_args is None:
             margs = tuple(mask_code.runtime_args())
             mdirect = tuple(mask_code.runtime_args(pointers=True)) if raw else None
@@ -549,15 +551,25 @@ class DecodeTemplate:
             margs, mdirect = mask_args
         # the step's own values in one pass: k and v strides, S and ns, the mask's arguments
         own = _spec((*ks, *vs, S, ns, *margs))
+        big = S * max(abs(ks[2]), abs(vs[2])) >= 2**31 - 1
+        even = S % self.kv_block == 0
+        # consecutive steps mostly bring the same index part and config (the same objects):
+        # their entries are then found by the step's own spec alone
+        fast = self._fast
+        if fast is None or fast[0] is not idx_part or fast[1] is not cfg:
+            fast = self._fast = (idx_part, cfg, {})
+        fkey = (own, big, even)
+        hit = None if own is None or not raw else fast[2].get(fkey)
+        if hit is not None:
+            return self._clone(hit, ks, vs, S, ns, idx_args, idx_direct, margs, mdirect)
         dspec = kv_spec = sn_spec = m_spec = None
         if own is not None and idx_spec is not None:
             n = len(ks) + len(vs)
             kv_spec, sn_spec, m_spec = own[:n], own[n : n + 2], own[n + 2 :]
             dspec = kv_spec + idx_spec + sn_spec + m_spec
-        big = S * max(abs(ks[2]), abs(vs[2])) >= 2**31 - 1
         # one entry per specialisation of the step's arguments and launch constants:
         # consecutive steps share it (and with it the compiled kernel their launches find)
-        ckey = (dspec, cfg, big, S % self.kv_block == 0)
+        ckey = (dspec, cfg, big, even)
         hit = None if dspec is None else self.steps.get(ckey)
         if hit is None:
             cx = dict(self.constexprs)
@@ -574,12 +586,12 @@ class DecodeTemplate:
             if dspec is not None and None not in self.specs:
                 spec = (self.specs[0] + kv_spec + idx_spec + self.specs[1] + sn_spec
                         + self.specs[2] + m_spec)
-            hit = (cx, spec, self.launcher.shared_entry(cx))
+            hit = [cx, spec, self.launcher.shared_entry(cx), None]
             if dspec is not None:
                 if len(self.steps) >= 64:
                     self.steps.clear()
                 self.steps[ckey] = hit
-        cx, spec, shared = hit
+        cx, spec, shared, _ = hit
         lead, mid = (*self.out_q, *ks, *vs), (*self.heads, S, ns, *self.scale_score)
         tail = (*lead, *idx_args, *mid, *margs)
         # raw: the step's own tensors as pointers; the score_mod's captures stay tensors
@@ -588,10 +600,32 @@ class DecodeTemplate:
         # allocations (see DecodePlan.run)
         bound = self.launcher.bind((ns, self.Hkv, self.B), tail, cx, tail_spec=spec,
                                    shared=shared, checked=3, direct_tail=direct)
-        return DecodePlan(
+        plan = DecodePlan(
             bound, (self.B, self.Hq, self.L, self.Ev), self.dtype, self.device,
             (self.B, self.Hq, self.Hkv, self.L, ns, self.Ev), self.out_strides,
         )
+        if dspec is not None and raw:
+            hit[3] = plan  # the prototype later steps of this entry are cloned from
+            if len(fast[2]) >= 16:
+                fast[2].clear()
+            fast[2][fkey] = hit
+        return plan
+
+    def _clone(self, hit: list, ks: tuple, vs: tuple, S: int, ns: int, idx_args: tuple,
+               idx_direct: tuple, margs: tuple, mdirect: tuple) -> DecodePlan:
+        """A plan like ``hit``'s prototype (the same launch entry, constants, grid and output
+        layout) with this step's launch arguments: the prototype's Bound and DecodePlan
+        copied and their per-step fields replaced, which is cheaper than building both."""
+        proto = hit[3]
+        lead, mid = (*self.out_q, *ks, *vs), (*self.heads, S, ns, *self.scale_score)
+        bound = object.__new__(type(proto.split))
+        vars(bound).update(vars(proto.split))
+        bound.tail = (*lead, *idx_args, *mid, *margs)
+        bound.direct_tail = (*lead, *idx_direct, *mid, *mdirect)
+        plan = object.__new__(DecodePlan)
+        vars(plan).update(vars(proto))
+        plan.split = bound
+        return plan
 
 
 def plan_decode(

@@ -852,10 +852,16 @@ def test_decoding_steps_are_planned_from_the_last_step(calls, monkeypatch):
     # the first step stores the template, the second plans from it and records itself; each
     # later step's first call is planned from that record, except where the kv-block count
     # grows (S = 385: new index views), which goes through the template and records again
+    clones = []
+    real_clone = flex_decode.DecodeTemplate._clone
+    monkeypatch.setattr(flex_decode.DecodeTemplate, "_clone",
+                        lambda self, *a: clones.append(1) or real_clone(self, *a))
     steps = list(range(380, 390))
     from_record = _integration_steps(steps, monkeypatch=monkeypatch, calls=calls)
     expect = [S not in (380, 381, 385) for S in steps]
     assert from_record == expect
+    # steps whose own arguments specialise like an earlier step's copy that step's plan
+    assert clones
 
 
 def test_step_record_is_not_used_where_the_call_differs(calls, monkeypatch):
