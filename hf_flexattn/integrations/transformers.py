@@ -360,6 +360,15 @@ def _to_block_mask(
         )
     kv_num, kv_idx = _dense_to_ordered(partial)
     full_num, full_idx = _dense_to_ordered(full)
+    return _kv_side_block_mask(seq, kv_num, kv_idx, full_num, full_idx, block, mask_mod)
+
+
+def _kv_side_block_mask(
+    seq: tuple[int, int], kv_num: torch.Tensor, kv_idx: torch.Tensor, full_num: torch.Tensor,
+    full_idx: torch.Tensor, block: int, mask_mod: Callable,
+) -> Any:
+    """A BlockMask with kv-side lists only (the q-side ones are derived if a backward ever
+    needs them)."""
     return BlockMask(
         seq_lengths=seq,
         kv_num_blocks=kv_num,
@@ -504,18 +513,14 @@ def _build_one_q_tile(
     proto = _INDEX_VIEWS.get(key)
     if proto is None or _capturing(device):
         buf = _index_buffer(n, device)
-        bm = BlockMask(
-            seq_lengths=(q_length, kv_length),
-            kv_num_blocks=buf.as_strided((1, 1, 1), (1, 1, 1), n + pc),
-            kv_indices=buf.as_strided((1, 1, 1, n), (n, n, n, 1), ps),
-            full_kv_num_blocks=buf.as_strided((1, 1, 1), (1, 1, 1), n + fc),
-            full_kv_indices=buf.as_strided((1, 1, 1, n), (n, n, n, 1), fs),
-            q_num_blocks=None,
-            q_indices=None,
-            full_q_num_blocks=None,
-            full_q_indices=None,
-            BLOCK_SIZE=(block, block),
-            mask_mod=mask_mod,
+        bm = _kv_side_block_mask(
+            (q_length, kv_length),
+            buf.as_strided((1, 1, 1), (1, 1, 1), n + pc),
+            buf.as_strided((1, 1, 1, n), (n, n, n, 1), ps),
+            buf.as_strided((1, 1, 1), (1, 1, 1), n + fc),
+            buf.as_strided((1, 1, 1, n), (n, n, n, 1), fs),
+            block,
+            mask_mod,
         )
         if not _capturing(device):
             # what BlockMask.__init__ set, but this step's lengths and mask_mod: later steps
