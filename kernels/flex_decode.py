@@ -511,9 +511,10 @@ class DecodeTemplate:
                     full_num: torch.Tensor | None, full_idx: torch.Tensor | None,
                     reuse: bool) -> tuple:
         """``(args, spec, direct args)`` of the BlockMask's index pairs (see
-        :func:`_index_args`; ``direct``: the tensors as pointers). ``reuse``: the tensors are
-        the library's own and never swapped, so the last step's part is kept while a step
-        brings the same four tensors (a decoding step's views are cached)."""
+        :func:`_index_args`; ``direct``: the tensors as pointers, None unless ``reuse``).
+        ``reuse``: the tensors are the library's own and never swapped, so launches may take
+        their pointers and the last step's part is kept while a step brings the same four
+        tensors (a decoding step's views are cached)."""
         c = self._idx
         if (reuse and c is not None and c[0] is kv_num and c[1] is kv_idx
                 and c[2] is full_num and c[3] is full_idx):
@@ -522,8 +523,10 @@ class DecodeTemplate:
         kvi = _index_args(kv_num, kv_idx, B, Hq)
         fkvi = _index_args(full_num, full_idx, B, Hq) if self.has_full else kvi
         args = (*kvi, *fkvi)
-        direct = (kvi[0].data_ptr(), kvi[1].data_ptr(), *kvi[2:],
-                  fkvi[0].data_ptr(), fkvi[1].data_ptr(), *fkvi[2:])
+        direct = None
+        if reuse:  # (_index_args: the two tensors come first)
+            direct = (kvi[0].data_ptr(), kvi[1].data_ptr(), *kvi[2:],
+                      fkvi[0].data_ptr(), fkvi[1].data_ptr(), *fkvi[2:])
         part = (args, _spec(args), direct)
         self._idx = (kv_num, kv_idx, full_num, full_idx, part) if reuse else None
         return part
@@ -555,13 +558,15 @@ class DecodeTemplate:
         even = S % self.kv_block == 0
         # consecutive steps mostly bring the same index part and config (the same objects):
         # their entries are then found by the step's own spec alone
-        fast = self._fast
-        if fast is None or fast[0] is not idx_part or fast[1] is not cfg:
-            fast = self._fast = (idx_part, cfg, {})
-        fkey = (own, big, even)
-        hit = None if own is None or not raw else fast[2].get(fkey)
-        if hit is not None:
-            return self._clone(hit, ks, vs, S, ns, idx_args, idx_direct, margs, mdirect)
+        fast = fkey = None
+        if raw and own is not None:
+            fast = self._fast
+            if fast is None or fast[0] is not idx_part or fast[1] is not cfg:
+                fast = self._fast = (idx_part, cfg, {})
+            fkey = (own, big, even)
+            hit = fast[2].get(fkey)
+            if hit is not None:
+                return self._clone(hit, ks, vs, S, ns, idx_args, idx_direct, margs, mdirect)
         dspec = kv_spec = sn_spec = m_spec = None
         if own is not None and idx_spec is not None:
             n = len(ks) + len(vs)
@@ -592,10 +597,7 @@ class DecodeTemplate:
                     self.steps.clear()
                 self.steps[ckey] = hit
         cx, spec, shared, _ = hit
-        lead, mid = (*self.out_q, *ks, *vs), (*self.heads, S, ns, *self.scale_score)
-        tail = (*lead, *idx_args, *mid, *margs)
-        # raw: the step's own tensors as pointers; the score_mod's captures stay tensors
-        direct = (*lead, *idx_direct, *mid, *mdirect) if raw else None
+        tail, direct = self._tails(ks, vs, S, ns, idx_args, idx_direct, margs, mdirect)
         # only q, k and v may be misaligned views: the workspace and outputs are fresh
         # allocations (see DecodePlan.run)
         bound = self.launcher.bind((ns, self.Hkv, self.B), tail, cx, tail_spec=spec,
@@ -604,12 +606,24 @@ class DecodeTemplate:
             bound, (self.B, self.Hq, self.L, self.Ev), self.dtype, self.device,
             (self.B, self.Hq, self.Hkv, self.L, ns, self.Ev), self.out_strides,
         )
-        if dspec is not None and raw:
+        if fast is not None and dspec is not None:
             hit[3] = plan  # the prototype later steps of this entry are cloned from
             if len(fast[2]) >= 16:
                 fast[2].clear()
             fast[2][fkey] = hit
         return plan
+
+    def _tails(self, ks: tuple, vs: tuple, S: int, ns: int, idx_args: tuple,
+               idx_direct: tuple | None, margs: tuple, mdirect: tuple | None) -> tuple:
+        """``(tail, direct tail)`` of a step's launch (the arguments after q, k, v and the
+        buffers, in signature order); the direct tail passes the step's own tensors as
+        pointers (the score_mod's captures stay tensors), None unless both pointer forms
+        are given (raw plans)."""
+        lead, mid = (*self.out_q, *ks, *vs), (*self.heads, S, ns, *self.scale_score)
+        tail = (*lead, *idx_args, *mid, *margs)
+        if idx_direct is None or mdirect is None:
+            return tail, None
+        return tail, (*lead, *idx_direct, *mid, *mdirect)
 
     def _clone(self, hit: list, ks: tuple, vs: tuple, S: int, ns: int, idx_args: tuple,
                idx_direct: tuple, margs: tuple, mdirect: tuple) -> DecodePlan:
@@ -617,11 +631,10 @@ class DecodeTemplate:
         layout) with this step's launch arguments: the prototype's Bound and DecodePlan
         copied and their per-step fields replaced, which is cheaper than building both."""
         proto = hit[3]
-        lead, mid = (*self.out_q, *ks, *vs), (*self.heads, S, ns, *self.scale_score)
         bound = object.__new__(type(proto.split))
         vars(bound).update(vars(proto.split))
-        bound.tail = (*lead, *idx_args, *mid, *margs)
-        bound.direct_tail = (*lead, *idx_direct, *mid, *mdirect)
+        bound.tail, bound.direct_tail = self._tails(ks, vs, S, ns, idx_args, idx_direct, margs,
+                                                    mdirect)
         plan = object.__new__(DecodePlan)
         vars(plan).update(vars(proto))
         plan.split = bound

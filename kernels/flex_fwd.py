@@ -329,8 +329,9 @@ def _fwd_loop(
     else:
         # full tiles of plain scores: every score is finite, so the running max is too and
         # needs no -inf guard; with a positive scale the max is taken before scaling and
-        # each exponent is one fused multiply-add. A ragged last tile (not EVEN_N) may hold
-        # sub-tiles past S, whose rows see nothing: the generic form
+        # each exponent is one multiply-add (fused where fp_fusion allows). A ragged last
+        # tile (not EVEN_N) may hold sub-tiles past S, whose rows see nothing: the generic
+        # form
         sub = ind + "    "
         softmax = (
             f"{ind}if EVEN_N and POS_SCALE:\n"

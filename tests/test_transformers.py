@@ -531,7 +531,7 @@ def test_masks_built_during_graph_capture_are_not_cached(monkeypatch):
     reuse (here the capture state is simulated; the values still match)."""
     fn = mu.causal_mask_function
     integ.clear_cache()
-    for cache in (integ._OFFSETS, integ._INDEX_BUFFERS, integ._INDEX_VIEWS):
+    for cache in (integ._OFFSETS, integ._INDEX_BUFFERS, integ._TILE_PROTOS):
         cache.clear()
     monkeypatch.setattr(integ, "_capturing", lambda device: True)
     n = 3 * integ.BLOCK_SIZE + 5
@@ -541,7 +541,7 @@ def test_masks_built_during_graph_capture_are_not_cached(monkeypatch):
         general = integ.flex_mask(2, 7, n, n - 7, 0, fn, attention_mask=am[:, :n])
         other = integ.flex_mask(2, 30, 30, 0, 0, fn)  # the general path, cacheable otherwise
     assert not integ._mask_cache and not integ._OFFSETS
-    assert not integ._INDEX_BUFFERS and not integ._INDEX_VIEWS
+    assert not integ._INDEX_BUFFERS and not integ._TILE_PROTOS
     monkeypatch.setattr(integ, "_capturing", lambda device: False)
     with torch.no_grad():
         for bm, (lq, off) in ((fast, (1, n - 1)), (general, (7, n - 7))):

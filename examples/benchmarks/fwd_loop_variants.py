@@ -16,12 +16,12 @@ back-to-back launches per CUDA-event pair, beside sdpa on cuDNN and on flash:
 What it found (BENCHMARKS.md, session 8) decided the forward defaults; it is not a test.
 """
 import itertools
-import statistics
 import sys
 
 import torch
 import triton
 import triton.language as tl
+from prefill_profile import _events_ms  # this folder: the same CUDA-event timer
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 try:
@@ -131,22 +131,6 @@ def run(q, k, v, cfg, tma, fma, ws, rev=False):
     return out
 
 
-def events_ms(fn, n=15, inner=10):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(inner):
-            fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) / inner)
-    return statistics.median(ts)
-
-
 def main():
     torch.manual_seed(0)
     B, H, Hkv, L, D = 8, 16, 8, 2048, 128
@@ -161,7 +145,7 @@ def main():
         with sdpa_kernel(be):
             f = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
                 q, k, v, is_causal=True, enable_gqa=True)
-            print(f"sdpa {be.name:20s} {events_ms(f):.3f} ms", flush=True)
+            print(f"sdpa {be.name:20s} {_events_ms(f):.3f} ms", flush=True)
     cfgs = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3),
             (128, 64, 4, 4), (64, 64, 4, 3), (128, 128, 4, 2)]
     variants = [("A ptr ours", False, False, False), ("B ptr fma", False, True, False),
@@ -174,7 +158,7 @@ def main():
             o = run(q, k, v, cfg, tma, fma, ws)
             torch.cuda.synchronize()
             err = (o.float() - ref).abs().max().item()
-            ms = events_ms(lambda: run(q, k, v, cfg, tma, fma, ws))  # noqa: B023
+            ms = _events_ms(lambda: run(q, k, v, cfg, tma, fma, ws))  # noqa: B023
             print(f"{name:14s} {cfg} {ms:.3f} ms err {err:.4f}", flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"{name:14s} {cfg} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)

@@ -1047,15 +1047,23 @@ _TEMPLATES: dict[tuple, tuple] = {}
 _MAX_TEMPLATES = 64
 
 
-def _template_key_of(pkey: tuple, block_mask: Any) -> tuple | None:
+def _kv_sig(pkey: tuple) -> tuple:
+    """What stays the same of k and v from one decoding step to the next, from a plan key
+    (see :func:`_plan_key`): all but the key length and the strides that follow from it."""
+    ks, kst, vs, vst = pkey[4], pkey[5], pkey[6], pkey[7]
+    return (ks[0], ks[1], ks[3], kst[3], vs[0], vs[1], vs[3], vst[3])
+
+
+def _template_key_of(pkey: tuple, block_mask: Any, fam: Any = None) -> tuple | None:
     """The template key of a call from its plan key (see :func:`_plan_key`: the tensors'
     shapes, strides, dtypes and devices are read once) and its BlockMask: everything but the
-    key length and the strides that follow from it."""
-    fam = getattr(block_mask.mask_mod, _FAMILY_ATTR, None)
+    key length and the strides that follow from it. ``fam``: the mask_mod's family
+    declaration if the caller has read it."""
     if fam is None:
-        return None
+        fam = getattr(block_mask.mask_mod, _FAMILY_ATTR, None)
+        if fam is None:
+            return None
     kvn = block_mask.kv_num_blocks
-    ks, kst, vs, vst = pkey[4], pkey[5], pkey[6], pkey[7]
     return (
         pkey[0],  # opts
         pkey[15],  # backend switch
@@ -1066,16 +1074,9 @@ def _template_key_of(pkey: tuple, block_mask: Any) -> tuple | None:
         pkey[3],
         pkey[8],
         pkey[11],
-        ks[0],
-        ks[1],
-        ks[3],
-        kst[3],
-        pkey[9],
+        _kv_sig(pkey),
+        pkey[9],  # k and v dtypes and devices
         pkey[12],
-        vs[0],
-        vs[1],
-        vs[3],
-        vst[3],
         pkey[10],
         pkey[13],
         pkey[14],  # scale
@@ -1114,8 +1115,7 @@ def _plan_from_template(query, key, value, score_mod, block_mask, scale, opts, p
                               pkey)
         if plan is not None:
             return plan
-    tkey = _template_key_of(pkey, block_mask)
-    hit = None if tkey is None else _TEMPLATES.get(tkey)
+    hit = _TEMPLATES.get(_template_key_of(pkey, block_mask, fam))
     if hit is None or hit[1] is not score_mod:
         return None
     kid, _, score_caps, template = hit
@@ -1193,19 +1193,12 @@ class _Successor:
         r.kvn, r.kvi = block_mask.kv_num_blocks, block_mask.kv_indices
         r.fkvn, r.fkvi = block_mask.full_kv_num_blocks, block_mask.full_kv_indices
         r.block_size = tuple(block_mask.BLOCK_SIZE)
-        r.kv_sig = _Successor._kv_sig(pkey)
+        r.kv_sig = _kv_sig(pkey)
         r.caps_sig = tuple(sig)
         r.kv_block, r.nkv, r.cfg = kv_block, -(-pkey[4][2] // kv_block), cfg
         if token not in _SUCCESSORS and len(_SUCCESSORS) >= _MAX_SUCCESSORS:
             _SUCCESSORS.pop(next(iter(_SUCCESSORS)))
         _SUCCESSORS[token] = r
-
-    @staticmethod
-    def _kv_sig(pkey: tuple) -> tuple:
-        # what the template key holds of k and v: all but the key length and the strides
-        # that follow from it
-        ks, kst, vs, vst = pkey[4], pkey[5], pkey[6], pkey[7]
-        return (ks[0], ks[1], ks[3], kst[3], vs[0], vs[1], vs[3], vst[3])
 
     def next_plan(self, query, key, value, score_mod, block_mask, caps, scale, opts,
                   pkey) -> Any:
@@ -1219,7 +1212,7 @@ class _Successor:
         if (
             pkey[6][2] != S
             or S < DECODE_MIN_S
-            or _Successor._kv_sig(pkey) != self.kv_sig
+            or _kv_sig(pkey) != self.kv_sig
             or block_mask.kv_num_blocks is not self.kvn
             or block_mask.kv_indices is not self.kvi
             or block_mask.full_kv_num_blocks is not self.fkvn

@@ -394,7 +394,7 @@ _INDEX_BUFFERS: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 # per (device, n, ranges, block): the attributes of a decoding step's BlockMask but its
 # lengths and mask_mod (the index tensors are views of _index_buffer); consecutive decoding
 # steps mostly share them
-_INDEX_VIEWS: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
+_TILE_PROTOS: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
 
 
 def _index_buffer(n: int, device: torch.device) -> torch.Tensor:
@@ -510,8 +510,9 @@ def _build_one_q_tile(
     # and the torch backend never evaluates keys past kv_length, so no copy padded to whole
     # tiles is needed (that would be one more kernel per decoding step)
     mask_mod = _structured_mask_mod(st, q_offset, kv_offset, pad, device)
-    proto = _INDEX_VIEWS.get(key)
-    if proto is None or _capturing(device):
+    capturing = _capturing(device)
+    proto = _TILE_PROTOS.get(key)
+    if proto is None or capturing:
         buf = _index_buffer(n, device)
         bm = _kv_side_block_mask(
             (q_length, kv_length),
@@ -522,11 +523,11 @@ def _build_one_q_tile(
             block,
             mask_mod,
         )
-        if not _capturing(device):
+        if not capturing:
             # what BlockMask.__init__ set, but this step's lengths and mask_mod: later steps
             # of this tile layout copy it instead of running __init__ (once per step, cold)
             proto = {k: x for k, x in vars(bm).items() if k not in ("seq_lengths", "mask_mod")}
-            _bounded_put(_INDEX_VIEWS, key, proto, 256)
+            _bounded_put(_TILE_PROTOS, key, proto, 256)
         return bm
     bm = BlockMask.__new__(BlockMask)
     d = vars(bm)
