@@ -251,7 +251,9 @@ def test_tma_loads_match_pointer_loads(dtype):
     q = torch.randn(B, Hq, L, E, generator=g).to(DEV, dtype)
     k = torch.randn(B, S, Hkv, E, generator=g).to(DEV, dtype).transpose(1, 2)
     v = torch.randn(B, S, Hkv, E, generator=g).to(DEV, dtype).transpose(1, 2)
-    assert flex_fwd.tma_descriptors(k, v, 16, 32, 32) is not None
+    # fp32 qualifies only in the interpreter; on a GPU it falls back to the pointer loads
+    eligible = dtype != torch.float32 or flex_fwd.interpreter_on()
+    assert (flex_fwd.tma_descriptors(k, v, 16, 32, 32) is not None) == eligible
     mask = causal(S - L)
     bm = create_block_mask(mask, None, None, L, S, device=DEV, BLOCK_SIZE=(16, 32))
     outs = {}
