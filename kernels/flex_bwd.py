@@ -673,6 +673,7 @@ def launch_bwd(
         HAS_DLSE=dlse is not None,
         BLOCK_M=bm_pre,
         EV_PAD=ev_pad,
+        **fp_fusion(q.dtype),
     )
     dkdv_kernel, dq_kernel, fused_kernel = get_kernels(score_code, mask_code, q.dtype)
     big = needs_int64(

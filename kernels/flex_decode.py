@@ -499,7 +499,7 @@ class DecodeTemplate:
             GROUP=Hq // Hkv, E=E, EV=Ev, E_PAD=e_pad, EV_PAD=ev_pad, BLOCK_M=0, BLOCK_N=0,
             KV_BLOCK=kv_block, HAS_FULL=has_full, UPCAST=interpreter_on(), BIG=False,
             EVEN_N=False, EVEN_D=E == e_pad and Ev == ev_pad, ONE_SPLIT=False, num_warps=0,
-            num_stages=0,
+            num_stages=0, enable_fp_fusion=True,  # Triton's default before 3.10, kept
         )
         # (step argument spec, config, BIG, EVEN_N) -> (constexprs, tail spec, shared entry)
         self.steps: dict[tuple, tuple] = {}
