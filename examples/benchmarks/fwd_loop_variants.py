@@ -11,7 +11,13 @@ back-to-back launches per CUDA-event pair, beside sdpa on cuDNN and on flash:
 * A: pointer loads, the library's softmax before 14323af (scale, then max, -inf guard);
 * B: pointer loads, row max taken before scaling and one fused multiply-add per exponent;
 * C: K and V loaded through host-side tensor descriptors (TMA), softmax as B;
-* D: C with ``warp_specialize=True`` loops; E: B with them.
+* D: C with ``warp_specialize=True`` loops; E: B with them;
+* F: B with the on-band tile first (the library's order: partial tiles, then full);
+* G: B with the off-band tiles' indices loaded from an index tensor (the library's
+  block-sparse walk); H: G with the on-band tile first; I: H with TMA loads.
+
+``--variants B,G,H`` runs only those; ``--library`` adds the library's kernel at each config,
+with pointer and with TMA loads.
 
 What it found (BENCHMARKS.md, session 8) decided the forward defaults; it is not a test.
 """
@@ -60,11 +66,36 @@ def _tile(q, k_t, v, acc, m_i, l_i, qk_scale, offs_m, start_n, offs_n,
 
 
 @triton.jit
+def _kv(k_base, v_base, DK, DV, row0, start_n, offs_n, offs_d, s_kn, s_vn,
+        TMA: tl.constexpr):
+    if TMA:
+        k = DK.load([row0 + start_n, 0])
+        v = DV.load([row0 + start_n, 0])
+    else:
+        cols = start_n + offs_n
+        k = tl.load(k_base + cols[:, None] * s_kn + offs_d[None, :])
+        v = tl.load(v_base + cols[:, None] * s_vn + offs_d[None, :])
+    return k, v
+
+
+@triton.jit
+def _band(q, k_base, v_base, DK, DV, acc, m_i, l_i, qk_scale, offs_m, offs_n, offs_d, row0,
+          s_kn, s_vn, start_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+          TMA: tl.constexpr, FMA: tl.constexpr, WS: tl.constexpr):
+    for start_n in tl.range(start_m, start_m + BLOCK_M, BLOCK_N, warp_specialize=WS):
+        k, v = _kv(k_base, v_base, DK, DV, row0, start_n, offs_n, offs_d, s_kn, s_vn, TMA)
+        acc, m_i, l_i = _tile(q, tl.trans(k), v, acc, m_i, l_i, qk_scale, offs_m, start_n,
+                              offs_n, True, FMA)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def fwd_kernel(Q, K, V, O, LSE, DK, DV,
                s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
-               H, HKV, L, scale,
+               H, HKV, L, scale, IDX,
                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               TMA: tl.constexpr, FMA: tl.constexpr, WS: tl.constexpr, REV: tl.constexpr):
+               TMA: tl.constexpr, FMA: tl.constexpr, WS: tl.constexpr, REV: tl.constexpr,
+               IND: tl.constexpr, DIAG_FIRST: tl.constexpr):
     pid_m = tl.program_id(0)
     if REV:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -84,34 +115,46 @@ def fwd_kernel(Q, K, V, O, LSE, DK, DV,
     k_base = K + b.to(tl.int64) * s_kb + hkv.to(tl.int64) * s_kh
     v_base = V + b.to(tl.int64) * s_vb + hkv.to(tl.int64) * s_vh
     row0 = (b * HKV + hkv) * L
-    # off-band: [0, start_m), on-band: [start_m, start_m + BLOCK_M)
-    for start_n in tl.range(0, start_m, BLOCK_N, warp_specialize=WS):
-        if TMA:
-            k = DK.load([row0 + start_n, 0])
-            v = DV.load([row0 + start_n, 0])
-        else:
-            cols = start_n + offs_n
-            k = tl.load(k_base + cols[:, None] * s_kn + offs_d[None, :])
-            v = tl.load(v_base + cols[:, None] * s_vn + offs_d[None, :])
-        acc, m_i, l_i = _tile(q, tl.trans(k), v, acc, m_i, l_i, qk_scale, offs_m, start_n,
-                              offs_n, False, FMA)
-    for start_n in tl.range(start_m, start_m + BLOCK_M, BLOCK_N, warp_specialize=WS):
-        if TMA:
-            k = DK.load([row0 + start_n, 0])
-            v = DV.load([row0 + start_n, 0])
-        else:
-            cols = start_n + offs_n
-            k = tl.load(k_base + cols[:, None] * s_kn + offs_d[None, :])
-            v = tl.load(v_base + cols[:, None] * s_vn + offs_d[None, :])
-        acc, m_i, l_i = _tile(q, tl.trans(k), v, acc, m_i, l_i, qk_scale, offs_m, start_n,
-                              offs_n, True, FMA)
+    # off-band: [0, start_m), on-band: [start_m, start_m + BLOCK_M); DIAG_FIRST: on-band
+    # first (the library's order: partial tiles, then full); IND: the off-band tiles'
+    # indices loaded from IDX (the library's block-sparse walk), else an affine loop
+    if DIAG_FIRST:
+        acc, m_i, l_i = _band(q, k_base, v_base, DK, DV, acc, m_i, l_i, qk_scale, offs_m,
+                              offs_n, offs_d, row0, s_kn, s_vn, start_m, BLOCK_M, BLOCK_N,
+                              TMA, FMA, WS)
+    if IND:
+        for it in tl.range(0, start_m // BLOCK_N, warp_specialize=WS):
+            start_n = tl.load(IDX + it) * BLOCK_N
+            k, v = _kv(k_base, v_base, DK, DV, row0, start_n, offs_n, offs_d, s_kn, s_vn,
+                       TMA)
+            acc, m_i, l_i = _tile(q, tl.trans(k), v, acc, m_i, l_i, qk_scale, offs_m,
+                                  start_n, offs_n, False, FMA)
+    else:
+        for start_n in tl.range(0, start_m, BLOCK_N, warp_specialize=WS):
+            k, v = _kv(k_base, v_base, DK, DV, row0, start_n, offs_n, offs_d, s_kn, s_vn,
+                       TMA)
+            acc, m_i, l_i = _tile(q, tl.trans(k), v, acc, m_i, l_i, qk_scale, offs_m,
+                                  start_n, offs_n, False, FMA)
+    if not DIAG_FIRST:
+        acc, m_i, l_i = _band(q, k_base, v_base, DK, DV, acc, m_i, l_i, qk_scale, offs_m,
+                              offs_n, offs_d, row0, s_kn, s_vn, start_m, BLOCK_M, BLOCK_N,
+                              TMA, FMA, WS)
     out = acc / l_i[:, None]
     tl.store(O + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + offs_m[:, None] * s_om
              + offs_d[None, :], out.to(O.dtype.element_ty))
     tl.store(LSE + (b * H + h).to(tl.int64) * L + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453)
 
 
-def run(q, k, v, cfg, tma, fma, ws, rev=False):
+_IDS: dict = {}
+
+
+def _tile_ids(n, device):
+    if n not in _IDS:
+        _IDS[n] = torch.arange(n, device=device, dtype=torch.int32)
+    return _IDS[n]
+
+
+def run(q, k, v, cfg, tma, fma, ws, rev=False, ind=False, diag_first=False):
     B, H, L, D = q.shape
     Hkv = k.shape[1]
     bm, bn, w, s = cfg
@@ -126,7 +169,9 @@ def run(q, k, v, cfg, tma, fma, ws, rev=False):
         q, k, v, out, lse, dk, dv, q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2), H, Hkv, L, D**-0.5,
-        D=D, BLOCK_M=bm, BLOCK_N=bn, TMA=tma, FMA=fma, WS=ws, REV=rev,
+        _tile_ids(L // bn, q.device),
+        D=D, BLOCK_M=bm, BLOCK_N=bn, TMA=tma, FMA=fma, WS=ws, REV=rev, IND=ind,
+        DIAG_FIRST=diag_first,
         num_warps=w, num_stages=s)
     return out
 
@@ -148,20 +193,46 @@ def main():
             print(f"sdpa {be.name:20s} {_events_ms(f):.3f} ms", flush=True)
     cfgs = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3),
             (128, 64, 4, 4), (64, 64, 4, 3), (128, 128, 4, 2)]
-    variants = [("A ptr ours", False, False, False), ("B ptr fma", False, True, False),
-                ("C tma fma", True, True, False), ("D tma fma ws", True, True, True),
-                ("E ptr fma ws", False, True, True)]
+    variants = {  # name: (tma, fma, ws, ind, diag_first)
+        "A ptr ours": (False, False, False, False, False),
+        "B ptr fma": (False, True, False, False, False),
+        "C tma fma": (True, True, False, False, False),
+        "D tma fma ws": (True, True, True, False, False),
+        "E ptr fma ws": (False, True, True, False, False),
+        "F B diag-first": (False, True, False, False, True),
+        "G B indexed": (False, True, False, True, False),
+        "H B indexed diag-first": (False, True, False, True, True),
+        "I C indexed diag-first": (True, True, False, True, True),
+    }
+    pick = sys.argv[sys.argv.index("--variants") + 1].split(",") if "--variants" in sys.argv \
+        else None
+    if pick:  # by letter: --variants B,F,G (then three configs)
+        cfgs = [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)]
+        variants = {n: v for n, v in variants.items() if n.split()[0] in pick}
     if TensorDescriptor is None:
-        variants = variants[:2]
-    for (name, tma, fma, ws), cfg in itertools.product(variants, cfgs):
+        variants = {n: v for n, v in variants.items() if not v[0]}
+    if "--library" in sys.argv:  # the library's kernel in the same harness and layout
+        import hf_flexattn
+
+        bm = hf_flexattn.create_block_mask(lambda b, h, i, j: i >= j, None, None, L, L,
+                                           device="cuda")
+        fields = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+        for cfg, tma in itertools.product(cfgs, (False, True)):
+            opts = dict(zip(fields, cfg), tma=tma)
+            f = lambda: hf_flexattn.flex_attention(  # noqa: E731
+                q, k, v, block_mask=bm, enable_gqa=True, kernel_options=opts)  # noqa: B023
+            err = (f().float() - ref).abs().max().item()
+            print(f"{'library tma=' + str(tma):24s} {cfg} {_events_ms(f):.3f} ms err {err:.4f}",
+                  flush=True)
+    for (name, flags), cfg in itertools.product(variants.items(), cfgs):
         try:
-            o = run(q, k, v, cfg, tma, fma, ws)
+            o = run(q, k, v, cfg, *flags)
             torch.cuda.synchronize()
             err = (o.float() - ref).abs().max().item()
-            ms = _events_ms(lambda: run(q, k, v, cfg, tma, fma, ws))  # noqa: B023
-            print(f"{name:14s} {cfg} {ms:.3f} ms err {err:.4f}", flush=True)
+            ms = _events_ms(lambda: run(q, k, v, cfg, *flags))  # noqa: B023
+            print(f"{name:24s} {cfg} {ms:.3f} ms err {err:.4f}", flush=True)
         except Exception as e:  # noqa: BLE001
-            print(f"{name:14s} {cfg} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+            print(f"{name:24s} {cfg} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
     sys.stdout.flush()
 
 
