@@ -222,8 +222,9 @@ def main():
             f = lambda: hf_flexattn.flex_attention(  # noqa: E731
                 q, k, v, block_mask=bm, enable_gqa=True, kernel_options=opts)  # noqa: B023
             err = (f().float() - ref).abs().max().item()
-            print(f"{'library tma=' + str(tma):24s} {cfg} {_events_ms(f):.3f} ms err {err:.4f}",
-                  flush=True)
+            print(f"{'library tma=' + str(tma):24s} {cfg} {_events_ms(f):.3f} ms err {err:.4f}"
+                  f" (unqueued: {_events_ms(f, queue=False):.3f} ms, triton do_bench: "
+                  f"{triton.testing.do_bench(f, return_mode='median'):.3f} ms)", flush=True)
     for (name, flags), cfg in itertools.product(variants.items(), cfgs):
         try:
             o = run(q, k, v, cfg, *flags)

@@ -40,15 +40,19 @@ CONFIGS = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3),
            (64, 128, 4, 3), (64, 64, 4, 3), (128, 128, 4, 2)]
 
 
-def _events_ms(fn, n: int = 15, inner: int = 10) -> float:
-    """GPU time of one call: CUDA events around ``inner`` back-to-back calls (so the GPU
-    queue stays full and a call's host time does not count), median of ``n``."""
+def _events_ms(fn, n: int = 15, inner: int = 10, queue: bool = True) -> float:
+    """GPU time of one call: CUDA events around ``inner`` back-to-back calls, median of
+    ``n``. ``queue``: a GPU-side sleep (about 10 ms) runs before the first event, so all
+    ``inner`` calls are queued before the GPU reaches them and a call's host time never
+    counts, even where it is longer than the kernel (``queue=False``: without it)."""
     for _ in range(5):
         fn()
     torch.cuda.synchronize()
     out = []
     for _ in range(n):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if queue:
+            torch.cuda._sleep(20_000_000)  # cycles
         a.record()
         for _ in range(inner):
             fn()
