@@ -11,6 +11,7 @@
 #   bash examples/benchmarks/device_session.sh suite_a    # every test of the kernel file on CUDA
 #   bash examples/benchmarks/device_session.sh suite_b    # every decode/launch/Transformers test
 #   bash examples/benchmarks/device_session.sh prompt     # prompt attention (TMA too), 40-round A/B
+#   bash examples/benchmarks/device_session.sh bisect     # library fwd vs standalone, edit by edit
 #
 # Logs and results go to $OUT (the device tool brings that folder back), or ./device_out.
 set -uo pipefail
@@ -113,8 +114,14 @@ prompt)
         --rounds 6 --json "$OUT/breakdown.json" --label cuda 2>&1 | tee "$OUT/breakdown.log" \
         | tail -4
     ;;
+bisect)
+    # the library's forward against the standalone kernels, then its own rendered kernel
+    # with edits toward G (fwd_loop_variants.EDITS), at three tile configs
+    timeout 400 python3 examples/benchmarks/fwd_loop_variants.py --variants B,C,G --library \
+        --bisect 2>&1 | grep -v Warn | tee "$OUT/fwd_bisect.txt"
+    ;;
 *)
     echo "unknown stage $1 (tests, train, generate, recipe, sweep, bwd, profile, suite_a,"\
-        "suite_b, prompt)"; exit 2
+        "suite_b, prompt, bisect)"; exit 2
     ;;
 esac

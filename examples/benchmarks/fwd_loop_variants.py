@@ -17,7 +17,8 @@ back-to-back launches per CUDA-event pair, beside sdpa on cuDNN and on flash:
   block-sparse walk); H: G with the on-band tile first; I: H with TMA loads.
 
 ``--variants B,G,H`` runs only those; ``--library`` adds the library's kernel at each config,
-with pointer and with TMA loads.
+with pointer and with TMA loads; ``--bisect`` times the library's own rendered kernel with edits
+that move it toward G, one at a time and all together (``EDITS``).
 
 What it found (BENCHMARKS.md, session 8) decided the forward defaults; it is not a test.
 """
@@ -176,6 +177,95 @@ def run(q, k, v, cfg, tma, fma, ws, rev=False, ind=False, diag_first=False):
     return out
 
 
+# --bisect: the library's own rendered kernel with edits that move it toward G, each valid
+# for this harness's causal mask only (Q_BLOCK == KV_BLOCK, one diagonal block per row)
+_FULL = "    if HAS_FULL:\n        nb = tl.load(FKV_NUM + b * s_fnb + h * s_fnh + qblk * s_fnq)\n"
+EDITS = {
+    # the full loop's trip count computed (G's), not loaded
+    "count": [(_FULL, "    if HAS_FULL:\n        nb = qblk\n")],
+    # the full loop's tiles affine (B's), not loaded from the index list
+    "affine": [("            kvblk = tl.load(idx_base + (it // SUBS) * s_fik)\n",
+                "            kvblk = it // SUBS\n")],
+    # the diagonal tile's softmax without the guard for rows that see nothing
+    "noguard": [('        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)\n',
+                 "        m_use = m_new\n")],
+    # the standalone kernels' epilogue: no guard for rows that see nothing
+    "epilogue": [("    seen = l_i > 0.0\n    l_safe = tl.where(seen, l_i, 1.0)\n",
+                  "    seen = l_i > 0.0\n    l_safe = l_i\n"),
+                 ('    lse = tl.where(seen, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))\n',
+                  "    lse = (m_i + tl.log2(l_safe)) * LN2\n")],
+}
+
+
+def _swap_loops(src):
+    """Full tiles first: the partial loop's block moved after the full loop's."""
+    a = src.index("    nb = tl.load(KV_NUM")
+    b = src.index("    if HAS_FULL:\n        nb = ")
+    c = src.index("    seen = l_i > 0.0")
+    return src[:a] + src[b:c] + src[a:b] + src[c:]
+
+
+def _edited(src, names):
+    for name in names:
+        if name == "swap":
+            src = _swap_loops(src)
+            continue
+        for old, new in EDITS[name]:
+            if old not in src:
+                raise RuntimeError(f"edit {name}: the rendered kernel has changed")
+            src = src.replace(old, new)
+    return src
+
+
+def _variant_getter(flex_fwd, path, names):
+    """A stand-in for ``flex_fwd.get_kernel``: the rendered kernel with ``names`` applied,
+    written to ``path`` and imported on first use."""
+    import importlib.util
+
+    cache = []
+
+    def get_kernel(score_code, mask_code, dtype):
+        if not cache:
+            with open(path, "w") as f:
+                f.write(_edited(flex_fwd.render_fwd(score_code, mask_code, dtype), names))
+            spec = importlib.util.spec_from_file_location(path.rsplit("/", 1)[-1][:-3], path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            cache.append(mod.flex_fwd_kernel)
+        return cache[0]
+
+    return get_kernel
+
+
+def bisect_library(q, k, v, ref, cfg, timer=None):
+    """Time the library's kernel with each edit alone and all together (same harness);
+    ``timer`` (default ``_events_ms``) takes the call; a CPU check passes ``lambda f: 0``."""
+    import tempfile
+
+    from hf_flexattn.kernels import flex_fwd
+
+    import hf_flexattn
+
+    L = q.shape[2]
+    bm = hf_flexattn.create_block_mask(lambda b, h, i, j: i >= j, None, None, L, L,
+                                       device=q.device)
+    opts = dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), cfg), backend="triton")
+    timer = timer or _events_ms
+    original = flex_fwd.get_kernel
+    combos = [()] + [(n,) for n in EDITS] + [("swap",), tuple(EDITS), tuple(EDITS) + ("swap",)]
+    tmp = tempfile.mkdtemp()
+    try:
+        for i, names in enumerate(combos):
+            flex_fwd.get_kernel = _variant_getter(flex_fwd, f"{tmp}/bisect_{i}.py", names)
+            f = lambda: hf_flexattn.flex_attention(  # noqa: E731
+                q, k, v, block_mask=bm, enable_gqa=True, kernel_options=opts)
+            err = (f().float() - ref).abs().max().item()
+            label = "+".join(names) or "as rendered"
+            print(f"bisect {label:36s} {cfg} {timer(f):.3f} ms err {err:.4f}", flush=True)
+    finally:
+        flex_fwd.get_kernel = original
+
+
 def main():
     torch.manual_seed(0)
     B, H, Hkv, L, D = 8, 16, 8, 2048, 128
@@ -225,6 +315,9 @@ def main():
             print(f"{'library tma=' + str(tma):24s} {cfg} {_events_ms(f):.3f} ms err {err:.4f}"
                   f" (unqueued: {_events_ms(f, queue=False):.3f} ms, triton do_bench: "
                   f"{triton.testing.do_bench(f, return_mode='median'):.3f} ms)", flush=True)
+    if "--bisect" in sys.argv:
+        for cfg in cfgs:
+            bisect_library(q, k, v, ref, cfg)
     for (name, flags), cfg in itertools.product(variants.items(), cfgs):
         try:
             o = run(q, k, v, cfg, *flags)
