@@ -269,6 +269,41 @@ def test_tma_loads_match_pointer_loads(dtype):
     torch.testing.assert_close(outs[True][0], outs[False][0], atol=0, rtol=0)
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="records the interpreter's launches")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_every_launch_states_fp_fusion(dtype, monkeypatch):
+    # Triton 3.10 turns its fused multiply-add default off: the kernels never rely on it.
+    # fp32 forward/backward kernels run without fusion (the backward recomputes the
+    # forward's rounded exponents); low precision and the decode kernel keep it
+    from triton.runtime.interpreter import InterpretedFunction
+
+    seen = []
+    run = InterpretedFunction.run
+
+    def record(self, *args, **kwargs):
+        seen.append((self.fn.__name__, kwargs.get("enable_fp_fusion", "unset")))
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", record)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 32, 16, generator=g).to(dtype).requires_grad_()
+    k = torch.randn(1, 2, 300, 16, generator=g).to(dtype).requires_grad_()
+    v = torch.randn(1, 2, 300, 16, generator=g).to(dtype).requires_grad_()
+    bm = create_block_mask(noop_mask, None, None, 32, 300, device=DEV, BLOCK_SIZE=(16, 32))
+    out = flex_attention(q, k, v, block_mask=bm, kernel_options=TRITON)
+    out.float().sum().backward()
+    with torch.no_grad():  # one query row against a long cache: the decode kernel
+        bm1 = create_block_mask(noop_mask, None, None, 1, 300, device=DEV)
+        flex_attention(q[:, :, :1].detach(), k.detach(), v.detach(), block_mask=bm1,
+                       kernel_options=TRITON)
+    kinds = {name: flag for name, flag in seen}
+    fused = dtype != torch.float32
+    assert kinds.pop("flex_decode_split_kernel") is True
+    assert kinds.pop("flex_fwd_kernel") is fused
+    assert kinds.pop("flex_bwd_pre_kernel") is fused
+    assert kinds and all(flag is fused for flag in kinds.values()), kinds  # dK/dV, dQ
+
+
 def test_tma_option_checks_and_fallback():
     from hf_flexattn.kernels import flex_fwd
 
