@@ -2,7 +2,7 @@
 
 Run on a CUDA machine:
 
-    python examples/benchmarks/generate_interleaved.py [rounds] [--json out.json]
+    python examples/benchmarks/generate_interleaved.py [rounds] [--json out.json] [--pin CPU]
     python examples/benchmarks/generate_interleaved.py --plot a.json b.json --png out.png
 
 The bench_e2e generation setting (batch 8, 2,048-token prompt, 64 new tokens, bf16, dynamic
@@ -36,7 +36,14 @@ p.add_argument("--json", help="write every timing here")
 p.add_argument("--impls", default="sdpa,flex")
 p.add_argument("--plot", nargs="+", metavar="JSON", help="draw saved runs (no timing)")
 p.add_argument("--png", default="generate_interleaved.png", help="where --plot draws")
+p.add_argument("--pin", type=int, metavar="CPU",
+               help="run on this one CPU core only (os.sched_setaffinity), with one torch thread")
 args = p.parse_args()
+if args.pin is not None:  # fewer migrations and cache refills on a shared host
+    import os
+
+    os.sched_setaffinity(0, {args.pin})
+    torch.set_num_threads(1)
 
 
 def _round_medians(run: dict, impl: str) -> list[float]:
@@ -151,7 +158,7 @@ if args.json:
     with open(args.json, "w") as f:
         json.dump(
             {"torch": torch.__version__, "device": torch.cuda.get_device_name(),
-             "rounds": args.rounds, "call_ms": calls, "cpu_ms": cpu, "prefill_ms": prefill,
-             "step_ms": steps},
+             "rounds": args.rounds, "pin": args.pin, "call_ms": calls, "cpu_ms": cpu,
+             "prefill_ms": prefill, "step_ms": steps},
             f,
         )
