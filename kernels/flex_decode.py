@@ -436,24 +436,36 @@ class DecodePlan:
         # out's strides (q's memory order): what the launch was bound with
         self.out_shape, self.lse_shape = out_shape, out_shape[:3]
         self.out_strides = out_strides
+        # out as Transformers wants it, [B, L, Hq, Ev] contiguous, where that is the memory
+        # the launch writes (q from a [B, L, Hq, E] projection, or L == 1): run(blhd=True)
+        # then allocates it directly instead of transposing
+        B, H, L, Ev = out_shape
+        blhd = (L * H * Ev, Ev, H * Ev, 1)  # its strides, seen as [B, Hq, L, Ev]
+        same = all(n == 1 or a == b for n, a, b in zip(out_shape, out_strides, blhd))
+        self.blhd_shape = (B, L, H, Ev) if same else None
         self.dtype, self.device, self.ws = dtype, device, ws
         self.cuda = device.type == "cuda"
         self._stream: int | None = None  # the stream of the last call, and its workspace
         self._ws: tuple | None = None
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 need_lse: bool = True) -> tuple:
-        return self.run(q, k, v, need_lse)
+                 need_lse: bool = True, blhd: bool = False) -> tuple:
+        return self.run(q, k, v, need_lse, blhd=blhd)
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            need_lse: bool = True, fresh: bool = False) -> tuple:
+            need_lse: bool = True, fresh: bool = False, blhd: bool = False) -> tuple:
         """``(out [B, Hq, L, Ev], lse [B, Hq, L])``; ``plan(q, k, v)`` calls this. Without
         ``need_lse`` the lse is ``None`` (written to a scratch buffer). ``fresh``: new
         workspace buffers instead of the cached ones (calls from compiled graphs, whose
-        allocations may come from a CUDA-graph pool that must not be cached)."""
-        out = torch.empty_strided(
-            self.out_shape, self.out_strides, dtype=self.dtype, device=self.device
-        )
+        allocations may come from a CUDA-graph pool that must not be cached). ``blhd``: out
+        as ``[B, L, Hq, Ev]`` instead (contiguous where the plan's layout allows)."""
+        nat = self.blhd_shape if blhd else None
+        if nat is not None:  # the same memory as the launch's [B, Hq, L, Ev] strides
+            out = torch.empty(nat, dtype=self.dtype, device=self.device)
+        else:
+            out = torch.empty_strided(
+                self.out_shape, self.out_strides, dtype=self.dtype, device=self.device
+            )
         if fresh:
             op, lp, cnt, scratch = _new_workspace(self.device, *self.ws)
         elif self.cuda and not torch._C._cuda_isCurrentStreamCapturing():
@@ -470,6 +482,8 @@ class DecodePlan:
             need_lse
         ) else scratch
         self.split(q, k, v, op, lp, out, lse, cnt)
+        if blhd and nat is None:
+            out = out.transpose(1, 2)
         return out, (lse if need_lse else None)
 
 

@@ -547,6 +547,28 @@ def test_decode_output_is_stored_like_the_query(calls):
     assert getattr(bm, tb._PLANS_ATTR)
 
 
+@pytest.mark.parametrize("L, order", [(4, "blhd"), (1, "bhld"), (4, "bhld")])
+def test_plan_returns_transformers_layout_directly(calls, L, order):
+    # run_plan(blhd=True), the Transformers integration's call: out is [B, L, Hq, Ev], and
+    # allocated so (contiguous, no transpose) wherever its memory is what the launch writes:
+    # q in [B, L, Hq, E] memory, or one query row in any order. Otherwise a transposed view
+    S = 300
+    slopes = torch.tensor([0.1, 0.5], device=DEV).repeat_interleave(2)
+    sm = M.alibi(slopes)
+    bm = create_block_mask(M.causal(S - L), None, None, L, S, device=DEV, BLOCK_SIZE=(16, 64))
+    for i in range(2):
+        q, k, v = _inputs(2, 4, 2, L, S, 16, 16, torch.float32, seed=30 + i)
+        if order == "blhd":
+            q = q.transpose(1, 2).contiguous().transpose(1, 2)
+        if i == 0:  # stores the plan
+            flex_attention(q, k, v, sm, bm, enable_gqa=True, kernel_options=TR)
+            continue
+        out, lse = tb.run_plan(q, k, v, sm, bm, None, True, TR, False, True)
+        assert lse is None and out.shape == (2, L, 4, 16)
+        assert out.is_contiguous() == (order == "blhd" or L == 1)
+        _ref_check(out.transpose(1, 2), q, k, v, sm, bm, f"{order} L={L}")
+
+
 def test_stored_plan_is_not_used_where_validation_or_grad_matters(calls):
     S = 300
     sm, _, bm = _plan_setup(S)

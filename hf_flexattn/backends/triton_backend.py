@@ -1269,10 +1269,12 @@ def run_plan(
     enable_gqa: bool,
     kernel_options: Any = None,
     return_lse: bool = True,
+    blhd: bool = False,
 ) -> tuple[Tensor, Tensor | None] | None:
     """``(out, lse)`` from a stored decode plan for exactly these inputs (or one made from a
     template: see ``_TEMPLATES``), or ``None`` (then the caller takes the normal path);
-    ``lse`` is None unless ``return_lse``."""
+    ``lse`` is None unless ``return_lse``. ``out`` is ``[B, Hq, L, Ev]``, or with ``blhd``
+    ``[B, L, Hq, Ev]`` (contiguous where q's memory order allows: Transformers' layout)."""
     if torch.compiler.is_compiling():
         return None
     plans = getattr(block_mask, _PLANS_ATTR, None)
@@ -1297,12 +1299,12 @@ def run_plan(
     hit = plans.get(pkey) if plans else None
     if hit is None:
         plan = _plan_from_template(query, key, value, score_mod, block_mask, scale, opts, pkey)
-        return None if plan is None else plan(query, key, value, return_lse)
+        return None if plan is None else plan(query, key, value, return_lse, blhd)
     if hit[1] is not score_mod:
         return None
     if hit[2] and torch.is_grad_enabled() and any(t.requires_grad for t in hit[2]):
         return None  # a learnable score_mod under autograd: the differentiable kernels
-    return hit[0](query, key, value, return_lse)
+    return hit[0](query, key, value, return_lse, blhd)
 
 
 # ------------------------------------------------------------------------------ entry point

@@ -1231,9 +1231,10 @@ def flex_attention_forward(
         # from the template of the last step's (see triton_backend.run_plan). With a cache
         # (Lq != Lk) the mask is used as given: no packing, no mask of our own
         sm = None if softcap is None else _softcap_mod(float(softcap))
-        res = _tb.run_plan(query, key, value, sm, attention_mask, scaling, True, None, False)
+        res = _tb.run_plan(query, key, value, sm, attention_mask, scaling, True, None, False,
+                           True)
         if res is not None:
-            out = res[0].transpose(1, 2)  # contiguous already: out follows q's memory order
+            out = res[0]  # [B, Lq, Hq, Dv], contiguous unless q's memory order was unusual
             return (out if out.is_contiguous() else out.contiguous()), None
     if dropout and dropout > 0 and training:
         raise ValueError(
