@@ -282,8 +282,11 @@ $full_loop
 
 # transposed orientation: tiles are [BLOCK_N, BLOCK_M]
 _DKDV_LOOP = """
+$I        nxt = tl.load(idx_base, mask=nb > 0, other=0)
 $I        for it in range(0, nb * SUBS):
-$I            qblk = tl.load(idx_base + (it // SUBS) * $sik)
+$I            qblk = nxt  # prefetched, as in the forward (flex_fwd._LOOP's note)
+$I            nxt = tl.load(idx_base + ((it + 1) // SUBS) * $sik, mask=it + 1 < nb * SUBS,
+$I                          other=0)
 $I            start_m = qblk * Q_BLOCK + (it % SUBS) * BLOCK_M
 $I            offs_m = start_m + tl.arange(0, BLOCK_M)
 $I            m_ok = offs_m < L
@@ -387,8 +390,10 @@ $full_loop
 """
 
 _DQ_LOOP = """
+$I    nxt = tl.load(idx_base, mask=nb > 0, other=0)
 $I    for it in range(0, nb * SUBS):
-$I        kvblk = tl.load(idx_base + (it // SUBS) * $sik)
+$I        kvblk = nxt  # prefetched, as in the forward (flex_fwd._LOOP's note)
+$I        nxt = tl.load(idx_base + ((it + 1) // SUBS) * $sik, mask=it + 1 < nb * SUBS, other=0)
 $I        start_n = kvblk * KV_BLOCK + (it % SUBS) * BLOCK_N
 $I        offs_n = start_n + tl.arange(0, BLOCK_N)
 $I        n_ok = offs_n < S

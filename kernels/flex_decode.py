@@ -271,8 +271,12 @@ $full_loop
 """
 
 _LOOP = """
-$I    for it in range($start, $stop):
-$I        kvblk = tl.load(idx_base + (it // SUBS) * $sik)
+$I    it0 = $start
+$I    it1 = $stop
+$I    nxt = tl.load(idx_base + (it0 // SUBS) * $sik, mask=it0 < it1, other=0)
+$I    for it in range(it0, it1):
+$I        kvblk = nxt  # prefetched, as in the forward (flex_fwd._LOOP's note)
+$I        nxt = tl.load(idx_base + ((it + 1) // SUBS) * $sik, mask=it + 1 < it1, other=0)
 $I        start_n = kvblk * KV_BLOCK + (it % SUBS) * BLOCK_N
 $I        offs_n = start_n + tl.arange(0, BLOCK_N)
 $I        n_ok = offs_n < S

@@ -230,9 +230,16 @@ $full_loop
         tl.store(LSE + pid_bh.to(tl.int64) * L + offs_m, lse, mask=m_ok)
 """
 
+# The tile index for the next step is loaded one step ahead, into registers. Loaded in the
+# step that uses it, Triton's pipeliner (3.6 and 3.9, sm_90) turns the load into an async
+# copy committed after the K/V copies, and the loop's wait then drains every copy in flight
+# (``async_wait {num = 0}``), so K/V loads no longer overlap the math; this costs the loop
+# 8-15 % on an H200 (``fwd_loop_variants.py --bisect``, "affine").
 _LOOP = """
+$I    nxt = tl.load(idx_base, mask=nb > 0, other=0)
 $I    for it in range(0, nb * SUBS):
-$I        kvblk = tl.load(idx_base + (it // SUBS) * $sik)
+$I        kvblk = nxt  # prefetched: see the note above _LOOP
+$I        nxt = tl.load(idx_base + ((it + 1) // SUBS) * $sik, mask=it + 1 < nb * SUBS, other=0)
 $I        start_n = kvblk * KV_BLOCK + (it % SUBS) * BLOCK_N
 $I        offs_n = start_n + tl.arange(0, BLOCK_N)
 $I        n_ok = offs_n < S
