@@ -18,9 +18,11 @@ back-to-back launches per CUDA-event pair, beside sdpa on cuDNN and on flash:
 
 ``--variants B,G,H`` runs only those; ``--library`` adds the library's kernel at each config,
 with pointer and with TMA loads; ``--bisect`` times the library's own rendered kernel with edits
-that move it toward G, one at a time and all together (``EDITS``).
+that move it toward G, one at a time and all together (``EDITS``; "inloop" instead restores
+the tile-index load of the library before session 10's prefetch).
 
-What it found (BENCHMARKS.md, session 8) decided the forward defaults; it is not a test.
+What it found (BENCHMARKS.md, sessions 8-10) decided the forward defaults and the prefetched
+tile index; it is not a test.
 """
 import itertools
 import sys
@@ -184,8 +186,12 @@ EDITS = {
     # the full loop's trip count computed (G's), not loaded
     "count": [(_FULL, "    if HAS_FULL:\n        nb = qblk\n")],
     # the full loop's tiles affine (B's), not loaded from the index list
-    "affine": [("            kvblk = tl.load(idx_base + (it // SUBS) * s_fik)\n",
+    "affine": [("            kvblk = nxt  # prefetched: see the note above _LOOP\n",
                 "            kvblk = it // SUBS\n")],
+    # the full loop's tile index loaded in the step that uses it (the library before the
+    # prefetch: Triton then drains every K/V copy in flight at each step)
+    "inloop": [("            kvblk = nxt  # prefetched: see the note above _LOOP\n",
+                "            kvblk = tl.load(idx_base + (it // SUBS) * s_fik)\n")],
     # the diagonal tile's softmax without the guard for rows that see nothing
     "noguard": [('        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)\n',
                  "        m_use = m_new\n")],
@@ -252,7 +258,8 @@ def bisect_library(q, k, v, ref, cfg, timer=None):
     opts = dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), cfg), backend="triton")
     timer = timer or _events_ms
     original = flex_fwd.get_kernel
-    combos = [()] + [(n,) for n in EDITS] + [("swap",), tuple(EDITS), tuple(EDITS) + ("swap",)]
+    toward_g = tuple(n for n in EDITS if n != "inloop")
+    combos = [()] + [(n,) for n in EDITS] + [("swap",), toward_g, toward_g + ("swap",)]
     tmp = tempfile.mkdtemp()
     try:
         for i, names in enumerate(combos):
