@@ -39,7 +39,7 @@ DQ = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 3
 FUSED = [("two launches", {"bwd_fused": False}),
          ("fused, dkdv 32x64", {"bwd_fused": True, "bwd_BLOCK_M": 32, "bwd_BLOCK_N": 64}),
          ("fused, dkdv 64x64", {"bwd_fused": True, "bwd_BLOCK_M": 64, "bwd_BLOCK_N": 64})]
-KINDS = ("fwd", "dkdv", "dq", "fused")
+KINDS = ("fwd", "fwd_tma", "dkdv", "dq", "fused")
 QUICK = [(16, 16, 4, 1), (32, 16, 4, 1)]
 
 
@@ -145,6 +145,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for cfg in QUICK if args.quick else FWD:
             measure("fwd", _cfg_label(cfg), _opts("", cfg), False)
         measure("fwd", "default tma", {"tma": True}, False)  # K/V via tensor descriptors
+    if "fwd_tma" in kinds:  # each forward config with K/V through descriptors, and without
+        for cfg in QUICK if args.quick else FWD:
+            measure("fwd_tma", _cfg_label(cfg), {**_opts("", cfg), "tma": True}, False)
+            measure("fwd_ptr", _cfg_label(cfg), {**_opts("", cfg), "tma": False}, False)
     if "dkdv" in kinds:
         for cfg in QUICK if args.quick else DKDV:
             measure("bwd_dkdv", _cfg_label(cfg), _opts("bwd_", cfg), True)
@@ -179,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-torch", action="store_true", help="skip torch's flex_attention")
     p.add_argument("--quick", action="store_true", help="tiny shape and configs (CPU ok)")
     p.add_argument("--json", help="write the rows here")
-    p.add_argument("--kinds", default=",".join(KINDS),
+    p.add_argument("--kinds", default="fwd,dkdv,dq,fused",
                    help=f"what to sweep besides the defaults: a comma list of {KINDS}")
     args = p.parse_args(argv)
     unknown = set(args.kinds.split(",")) - set(KINDS)
