@@ -90,7 +90,11 @@ def default_fwd_config(
             # beats 128/64/4/3 by 10-40% (full 452 vs 355, documents 194 vs 115 TFLOPs); on
             # the H200 (config_sweep.py, 2026-12-01/02) three stages are as fast or faster on
             # every shape measured: causal 8k 1.28 vs 1.32 ms, documents 8k 1.16 vs 1.17,
-            # the training row 0.620 vs 0.622, the 8 x 2,048 prompt 0.373 vs 0.402
+            # the training row 0.620 vs 0.622, the 8 x 2,048 prompt 0.373 vs 0.402. With the
+            # tile index prefetched and K/V through tensor descriptors (the Hopper default,
+            # below; 2026-12-03) it stays the best of config_sweep.py's: the training row
+            # 0.548 ms, documents 8k at 64 heads 1.014 (64/64/4/3: 0.707 and 1.388 with
+            # descriptors, 0.561 and 1.114 without)
             return FwdConfig(128, 128, 8, 3)
         return FwdConfig(64, 32, 4, 2)
     if capability[0] >= 8:
@@ -143,7 +147,13 @@ def choose_config(
         tma = options.get("tma")
         if tma is not None and not isinstance(tma, bool):
             raise ValueError(f'kernel_options["tma"] must be a bool or None, got {tma!r}.')
-        tma = bool(tma)  # None: off until it is the measured default
+        if tma is None:  # on for 16-bit inputs on Hopper: at 128 x 128 tiles, 8-10 % off
+            # the forward on an H200 (training row 0.598 -> 0.548 ms, documents 8k at 64
+            # heads 1.119 -> 1.014, the 8 x 2,048 prompt 0.376 -> 0.342; head dim 64,
+            # 128 x 64 tiles: 0.400 -> 0.389)
+            tma = capability is not None and capability[0] == 9 and dtype in (
+                torch.float16, torch.bfloat16)
+        tma = bool(tma)
     return FwdConfig(bm, bn, vals["num_warps"], vals["num_stages"], tma)
 
 

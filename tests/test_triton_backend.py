@@ -423,6 +423,25 @@ def test_tile_loops_keep_copies_in_flight_on_sm90(monkeypatch):
         assert len(waits) == loops.get(name, 4), (name, waits)
 
 
+def test_forward_defaults_per_device():
+    # the measured Hopper default for 16-bit inputs: K/V through tensor descriptors (128 x
+    # 128 tiles at head dim 128); fp32, other GPUs and the interpreter keep pointer loads
+    from hf_flexattn.kernels import flex_fwd
+
+    tiles = lambda c: (c.BLOCK_M, c.BLOCK_N, c.num_warps, c.num_stages, c.tma)  # noqa: E731
+    bf16 = torch.bfloat16
+    assert tiles(flex_fwd.choose_config((9, 0), bf16, 128, 8192, 128, 128, {})) == (
+        128, 128, 8, 3, True)
+    assert flex_fwd.choose_config((9, 0), torch.float16, 64, 8192, 128, 128, {}).tma
+    assert not flex_fwd.choose_config((9, 0), torch.float32, 128, 8192, 128, 128, {}).tma
+    assert not flex_fwd.choose_config((8, 0), bf16, 128, 8192, 128, 128, {}).tma
+    assert not flex_fwd.choose_config(None, torch.float16, 64, 8192, 128, 128, {}).tma
+    assert not flex_fwd.choose_config((9, 0), bf16, 128, 8192, 128, 128, {"tma": False}).tma
+    cfg = flex_fwd.choose_config((9, 0), bf16, 128, 8192, 128, 128,
+                                 {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4})
+    assert tiles(cfg) == (64, 64, 4, 3, True)
+
+
 def test_tma_option_checks_and_fallback():
     from hf_flexattn.kernels import flex_fwd
 
@@ -781,7 +800,7 @@ def test_cuda_large_causal_gqa(dtype, D):
 @pytest.mark.cuda
 @pytest.mark.parametrize("D", [64, 128])
 def test_cuda_tma_forward_default_tiles(D):
-    # the forward with tensor-descriptor K/V loads at the Hopper default tiles (128 x 128):
+    # the forward with tensor-descriptor K/V loads at the Hopper default (128 x 128 tiles):
     # a ragged causal prompt, GQA, k/v in Transformers' [B, S, H, D] memory order, a
     # score_mod; both against fp64
     from hf_flexattn.kernels import flex_fwd
