@@ -73,9 +73,7 @@ sweep)
         --json "$OUT/sweep_8k.json" 2>&1 | tee "$OUT/sweep_8k.log"
     ;;
 bwd)
-    # the whole file on CUDA takes 150-200 s on the H200
-    timeout 260 python3 -m pytest -q tests/test_triton_backend.py 2>&1 \
-        | tee "$OUT/cuda_triton_backend.log" | tail -5
+    # (the kernel tests are suite_a's: on a fresh H200 the whole file ran past 260 s)
     C="--heads 32/32/128 --tokens 8192 --doc-min 8192 --doc-max 8192"
     for shape in "train --heads 16/8/128" "causal8k $C" "docs8k --heads 64/8/128 --tokens 8192"; do
         read -r name rest <<<"$shape"
