@@ -153,7 +153,6 @@ def choose_config(
             # 128 x 64 tiles: 0.400 -> 0.389)
             tma = capability is not None and capability[0] == 9 and dtype in (
                 torch.float16, torch.bfloat16)
-        tma = bool(tma)
     return FwdConfig(bm, bn, vals["num_warps"], vals["num_stages"], tma)
 
 
@@ -243,8 +242,9 @@ $full_loop
 # The tile index for the next step is loaded one step ahead, into registers. Loaded in the
 # step that uses it, Triton's pipeliner (3.6 and 3.9, sm_90) turns the load into an async
 # copy committed after the K/V copies, and the loop's wait then drains every copy in flight
-# (``async_wait {num = 0}``), so K/V loads no longer overlap the math; this costs the loop
-# 8-15 % on an H200 (``fwd_loop_variants.py --bisect``, "affine").
+# (``async_wait {num = 0}``), so K/V loads no longer overlap the math. On an H200 that cost
+# the prompt's forward 2-9 % (``fwd_loop_variants.py --bisect``: "inloop" against the kernel
+# as rendered, BENCHMARKS.md session 10); the backward's loops load theirs the same way.
 _LOOP = """
 $I    nxt = tl.load(idx_base, mask=nb > 0, other=0)
 $I    for it in range(0, nb * SUBS):

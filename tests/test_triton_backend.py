@@ -272,22 +272,29 @@ def test_tma_loads_match_pointer_loads(dtype):
     torch.testing.assert_close(outs[True][0], outs[False][0], atol=0, rtol=0)
 
 
+def _record_launches(monkeypatch):
+    """A list that fills with ``(python function, args, kwargs)`` for each kernel launch the
+    interpreter runs from here on (the test's monkeypatch undoes the hook)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches = []
+    run = InterpretedFunction.run
+
+    def record(self, *args, **kwargs):
+        launches.append((self.fn, args, dict(kwargs)))
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", record)
+    return launches
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="records the interpreter's launches")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_every_launch_states_fp_fusion(dtype, monkeypatch):
     # Triton 3.10 turns its fused multiply-add default off: the kernels never rely on it.
     # fp32 forward/backward kernels run without fusion (the backward recomputes the
     # forward's rounded exponents); low precision and the decode kernel keep it
-    from triton.runtime.interpreter import InterpretedFunction
-
-    seen = []
-    run = InterpretedFunction.run
-
-    def record(self, *args, **kwargs):
-        seen.append((self.fn.__name__, kwargs.get("enable_fp_fusion", "unset")))
-        return run(self, *args, **kwargs)
-
-    monkeypatch.setattr(InterpretedFunction, "run", record)
+    launches = _record_launches(monkeypatch)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 2, 32, 16, generator=g).to(dtype).requires_grad_()
     k = torch.randn(1, 2, 300, 16, generator=g).to(dtype).requires_grad_()
@@ -299,7 +306,7 @@ def test_every_launch_states_fp_fusion(dtype, monkeypatch):
         bm1 = create_block_mask(noop_mask, None, None, 1, 300, device=DEV)
         flex_attention(q[:, :, :1].detach(), k.detach(), v.detach(), block_mask=bm1,
                        kernel_options=TRITON)
-    kinds = {name: flag for name, flag in seen}
+    kinds = {fn.__name__: kw.get("enable_fp_fusion", "unset") for fn, _, kw in launches}
     fused = dtype != torch.float32
     assert kinds.pop("flex_decode_split_kernel") is True
     assert kinds.pop("flex_fwd_kernel") is fused
@@ -328,20 +335,23 @@ print(json.dumps(out))
 
 
 def _sm90_async_waits(launches):
-    """Compile recorded interpreter launches of rendered kernels for sm_90 (Triton's own
-    toolchain, no GPU needed) and return each kernel's ``ttg.async_wait`` lines. Pointers
-    are typed by tensor dtype, ints as Triton specialises them (1 a constant, multiples of
-    16 divisible). Runs in a fresh process: the interpreter leaves ``triton.language``
-    patched after a kernel calls a jitted helper."""
+    """Compile recorded ``(function, args, kwargs)`` launches of rendered kernels for sm_90
+    (Triton's own toolchain, no GPU needed) and return each kernel's ``ttg.async_wait``
+    lines. Pointers are typed by tensor dtype, ints as Triton specialises them (1 a
+    constant, multiples of 16 divisible). Runs in a fresh process: the interpreter leaves
+    ``triton.language`` patched after a kernel calls a jitted helper."""
+    import inspect
+
     ptr = {torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
            torch.int64: "*i64", torch.bfloat16: "*bf16"}
     jobs = []
-    for name, (path, params, args, kwargs) in launches.items():
+    for fn, args, kwargs in launches:
         sig, cx, divisible = {}, {}, []
-        for i, (pname, is_cx) in enumerate(params):
-            v = args[i] if i < len(args) else kwargs[pname]
-            if is_cx or v is None or isinstance(v, bool):
+        for i, par in enumerate(inspect.signature(fn).parameters.values()):
+            pname, v = par.name, args[i] if i < len(args) else kwargs[par.name]
+            if "constexpr" in str(par.annotation) or v is None or isinstance(v, bool):
                 sig[pname] = "constexpr"
+                # UPCAST is the interpreter's bf16 workaround: off in a GPU compile
                 cx[pname] = False if pname == "UPCAST" else v
             elif isinstance(v, torch.Tensor):
                 sig[pname] = ptr[v.dtype]
@@ -355,7 +365,8 @@ def _sm90_async_waits(launches):
             else:
                 sig[pname] = "fp32"
         opts = {k: kwargs[k] for k in ("num_warps", "num_stages")}
-        jobs.append(dict(name=name, path=path, sig=sig, cx=cx, divisible=divisible, opts=opts))
+        jobs.append(dict(name=fn.__name__, path=inspect.getsourcefile(fn), sig=sig, cx=cx,
+                         divisible=divisible, opts=opts))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _SM90_COMPILE], input=json.dumps(jobs),
                           capture_output=True, text=True, env=env, timeout=600)
@@ -367,7 +378,7 @@ def _sm90_async_waits(launches):
 def test_tile_loops_keep_copies_in_flight_on_sm90(monkeypatch):
     # Loaded in the step that uses it, a tile index became an async copy committed after
     # the K/V copies, and every step's wait drained all copies ({num = 0}): K/V loads no
-    # longer overlapped the math (8-15 % of the prompt's forward on an H200). The kernels
+    # longer overlapped the math (2-9 % of the prompt's forward on an H200). The kernels
     # prefetch the index into registers; each loop must wait with copies still in flight
     pytest.importorskip("triton")
     try:
@@ -375,22 +386,7 @@ def test_tile_loops_keep_copies_in_flight_on_sm90(monkeypatch):
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
     except ImportError:
         pytest.skip("this Triton has no NVIDIA backend to compile with")
-    import inspect
-
-    from triton.runtime.interpreter import InterpretedFunction
-
-    seen = {}
-    run = InterpretedFunction.run
-
-    def record(self, *args, **kwargs):
-        name = self.fn.__name__
-        if name != "flex_bwd_pre_kernel":
-            params = [(p.name, "constexpr" in str(p.annotation))
-                      for p in inspect.signature(self.fn).parameters.values()]
-            seen.setdefault(name, (inspect.getsourcefile(self.fn), params, args, dict(kwargs)))
-        return run(self, *args, **kwargs)
-
-    monkeypatch.setattr(InterpretedFunction, "run", record)
+    launches = _record_launches(monkeypatch)
     g = torch.Generator().manual_seed(0)
     L, S = 128, 256
     q = torch.randn(1, 2, L, 64, generator=g).half().requires_grad_()
@@ -411,12 +407,16 @@ def test_tile_loops_keep_copies_in_flight_on_sm90(monkeypatch):
                                 BLOCK_SIZE=(16, 32))
         flex_attention(q[:, :, :1].detach(), k.detach(), v.detach(), block_mask=bm1,
                        enable_gqa=True, kernel_options=TRITON)
+    seen = {}  # each kernel's first launch
+    for fn, args, kwargs in launches:
+        if fn.__name__ == "flex_decode_split_kernel":  # compiled at its GPU default stages
+            kwargs = dict(kwargs, num_stages=3)
+        if fn.__name__ != "flex_bwd_pre_kernel":
+            seen.setdefault(fn.__name__, (fn, args, kwargs))
     loops = {"flex_fwd_kernel": 2, "flex_decode_split_kernel": 2}
     bwd = [n for n in seen if n not in loops]
     assert set(loops) <= set(seen) and bwd, sorted(seen)
-    dec = seen["flex_decode_split_kernel"]  # compiled with its GPU default of 3 stages
-    seen["flex_decode_split_kernel"] = dec[:3] + (dict(dec[3], num_stages=3),)
-    for name, waits in _sm90_async_waits(seen).items():
+    for name, waits in _sm90_async_waits(seen.values()).items():
         drained = [w for w in waits if "{num = 0 " in w]
         assert not drained, (name, drained)
         # partial and full loops (the fused backward: dK/dV and dQ, each both) pipelined
