@@ -66,10 +66,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     integ.BLOCK_SIZE = args.block
     bm = integ._document_mask(cu, "cu", 1, L, None, dev)
     g = torch.Generator(device=dev).manual_seed(0)
-    q = torch.randn(1, hq, L, d, device=dev, dtype=dtype, generator=g).requires_grad_()
-    k = torch.randn(1, hkv, L, d, device=dev, dtype=dtype, generator=g).requires_grad_()
-    v = torch.randn(1, hkv, L, d, device=dev, dtype=dtype, generator=g).requires_grad_()
-    do = torch.randn(1, hq, L, d, device=dev, dtype=dtype, generator=g)
+
+    def make(h: int, grad: bool) -> torch.Tensor:
+        # "blhd": [1, h, L, d] views of [1, L, h, d] memory, the layout Transformers' attention
+        # modules pass (projections viewed per head, then transposed; the output gradient too)
+        if args.layout == "blhd":
+            t = torch.randn(1, L, h, d, device=dev, dtype=dtype, generator=g).transpose(1, 2)
+        else:
+            t = torch.randn(1, h, L, d, device=dev, dtype=dtype, generator=g)
+        return t.requires_grad_() if grad else t
+
+    q, k, v, do = make(hq, True), make(hkv, True), make(hkv, True), make(hq, False)
     lens = docs.lengths
     pairs = hq * sum(n * (n + 1) // 2 for n in lens)
     warm, rep = (5, 20) if args.quick else (25, 100)
@@ -161,7 +168,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     header = {
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
         "torch": torch.__version__, "heads": args.heads, "tokens": L, "documents": len(lens),
-        "density": 2 * pairs / hq / (L * L), "dtype": str(dtype), "argv": sys.argv[1:],
+        "density": 2 * pairs / hq / (L * L), "dtype": str(dtype), "layout": args.layout,
+        "argv": sys.argv[1:],
     }
     try:
         import triton
@@ -179,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--doc-min", type=int, default=256)
     p.add_argument("--doc-max", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layout", choices=("bhld", "blhd"), default="bhld",
+                   help="q/k/v/grad memory: contiguous [B, H, L, D], or Transformers' [B, L, H, D]")
     p.add_argument("--block", type=int, default=128, help="BlockMask block size")
     p.add_argument("--no-torch", action="store_true", help="skip torch's flex_attention")
     p.add_argument("--quick", action="store_true", help="tiny shape and configs (CPU ok)")

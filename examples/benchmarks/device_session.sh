@@ -43,11 +43,12 @@ generate)
     timeout 150 python3 examples/benchmarks/host_overhead_cpu.py --device cuda --prompt 2048 \
         --rounds 8 --json "$OUT/breakdown.json" --label cuda 2>&1 | tee "$OUT/breakdown.log" \
         | tail -4
-    timeout 200 python3 examples/benchmarks/generate_interleaved.py 20 \
+    # pinned to one core: on the shared host that is what makes rounds comparable
+    timeout 220 python3 examples/benchmarks/generate_interleaved.py 60 --pin 3 \
         --json "$OUT/interleaved.json" 2>&1 | tee "$OUT/interleaved.log" | tail -8
-    timeout 200 python3 -m hf_flexattn.bench_e2e --skip-train --impls flex,sdpa,flex_attention \
-        --gen-repeats 9 --time-budget 190 --out "$OUT/generate" 2>&1 | tee "$OUT/generate.log" \
-        | tail -20
+    OMP_NUM_THREADS=1 timeout 200 taskset -c 3 python3 -m hf_flexattn.bench_e2e --skip-train \
+        --impls sdpa,flex,flex_attention --gen-repeats 15 --time-budget 190 \
+        --out "$OUT/generate" 2>&1 | tee "$OUT/generate.log" | tail -20
     ;;
 recipe)
     # the e2e benchmark's model (hidden 2048, 8 layers, 16/8 heads of 128), bf16 autocast,
@@ -106,7 +107,7 @@ prompt)
     # generate (mask, first layer, later layers)
     timeout 150 python3 examples/benchmarks/prefill_profile.py --json "$OUT/prefill.json" 2>&1 \
         | tee "$OUT/prefill.log" | grep -v "^ \|^\[\|^\]\|^{\|^}" | tail -30
-    timeout 220 python3 examples/benchmarks/generate_interleaved.py 40 \
+    timeout 220 python3 examples/benchmarks/generate_interleaved.py 40 --pin 3 \
         --json "$OUT/interleaved40.json" 2>&1 | tee "$OUT/interleaved40.log" | tail -10
     timeout 110 python3 examples/benchmarks/host_overhead_cpu.py --device cuda --prompt 2048 \
         --rounds 6 --json "$OUT/breakdown.json" --label cuda 2>&1 | tee "$OUT/breakdown.log" \
