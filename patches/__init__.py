@@ -11,7 +11,13 @@ model uses the ``"flex"`` implementation:
 * ALiBi is a ``score_mod`` built from each family's own slope formula and key positions, never
   a materialised bias;
 * family-specific hooks (Falcon: the ``"flex"`` entry in ``FALCON_ATTENTION_CLASSES`` that
-  model construction needs, and the model-level ALiBi merge that must be skipped).
+  model construction needs, and the model-level ALiBi merge that must be skipped);
+* packed rows: these families' model classes drop ``cu_seq_lens_q/k`` (and Bloom and MPT
+  ``position_ids``) before attention sees them. Their ``...ForCausalLM`` and ``...Model``
+  forwards are wrapped to hold those kwargs for the call, and the family's
+  ``create_causal_mask`` turns its BlockMask into the packed-document mask, so packed
+  documents never attend to each other (the mask object then travels to every layer, also
+  through gradient checkpointing's recomputation).
 
 ``hf_flexattn.register()`` installs all patches (``install_auto``); they stay inert for every
 other implementation. Everything is undoable::
@@ -26,6 +32,7 @@ other implementation. Everything is undoable::
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib
 import inspect
@@ -132,6 +139,83 @@ def wrap_attention_forward(orig: Callable, flex_forward: Callable) -> Callable:
 
     forward._hf_flexattn_original = orig  # type: ignore[attr-defined]
     return forward
+
+
+_PACKING_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids")
+# the packed-row kwargs of the model call in progress (see wrap_packing_forward)
+_PACKING: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "hf_flexattn_packing", default=None
+)
+
+
+def wrap_packing_forward(orig: Callable, names: set[str]) -> Callable:
+    """Wrap a model-level ``forward`` that does not pass packed-row kwargs on to attention.
+
+    For a model whose ``config._attn_implementation`` is in ``names`` (a live set: the
+    patch's served names), the kwargs of ``_PACKING_KEYS`` that ``orig`` does not declare
+    (it would drop them) are taken out and held for the call; :func:`wrap_mask_creation`
+    reads them. Other models, and calls without such kwargs, run ``orig`` unchanged.
+    """
+    declared = set(inspect.signature(orig).parameters)
+
+    @functools.wraps(orig)
+    def forward(self, *args, **kwargs):
+        impl = getattr(getattr(self, "config", None), "_attn_implementation", None)
+        if impl not in names:
+            return orig(self, *args, **kwargs)
+        found = {
+            k: kwargs.pop(k)
+            for k in _PACKING_KEYS
+            if k not in declared and kwargs.get(k) is not None
+        }
+        if not found:
+            return orig(self, *args, **kwargs)
+        token = _PACKING.set({**(_PACKING.get() or {}), **found})
+        try:
+            return orig(self, *args, **kwargs)
+        finally:
+            _PACKING.reset(token)
+
+    forward._hf_flexattn_original = orig  # type: ignore[attr-defined]
+    return forward
+
+
+def wrap_mask_creation(orig: Callable) -> Callable:
+    """Wrap a family module's ``create_causal_mask``: inside a call that holds packed-row
+    kwargs (:func:`wrap_packing_forward`), a flex BlockMask over ``L`` queries and ``L`` keys
+    becomes the packed-document mask (``cu_seq_lens_q``, else ``position_ids`` restarting at
+    0; :func:`hf_flexattn.integrations.transformers.select_mask`)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    @functools.wraps(orig)
+    def create_causal_mask(*args, **kwargs):
+        mask = orig(*args, **kwargs)
+        packing = _PACKING.get()
+        if not packing or not isinstance(mask, BlockMask):
+            return mask
+        from hf_flexattn.integrations.transformers import select_mask
+
+        Lq, Lk = (int(n) for n in mask.seq_lengths)
+        emb = kwargs.get("inputs_embeds")
+        B = emb.shape[0] if isinstance(emb, torch.Tensor) else mask.kv_num_blocks.shape[0]
+        if Lq != Lk:
+            return mask  # a step against a cache: no packed rows there
+        packed, _ = select_mask(mask, B, Lq, Lk, mask.kv_num_blocks.device, None, True, packing)
+        return packed
+
+    create_causal_mask._hf_flexattn_original = orig  # type: ignore[attr-defined]
+    return create_causal_mask
+
+
+def packing_targets(module: Any, prefix: str, names: set[str]) -> list[tuple[Any, str, Any]]:
+    """Patch targets for packed rows in one family module (``prefix``: ``"Bloom"`` etc.): the
+    ``{prefix}ForCausalLM`` and ``{prefix}Model`` forwards and ``create_causal_mask``."""
+    out = []
+    for cls_name in (f"{prefix}ForCausalLM", f"{prefix}Model"):
+        cls = getattr(module, cls_name)
+        out.append((cls, "forward", wrap_packing_forward(cls.forward, names)))
+    out.append((module, "create_causal_mask", wrap_mask_creation(module.create_causal_mask)))
+    return out
 
 
 def refuse_dropout(p: float, training: bool, family: str) -> None:

@@ -2,7 +2,8 @@
 
 Bloom adds ``slopes[h] * pos(key)`` to ``q.k / sqrt(d)``, where ``pos`` is
 ``(cumsum(attention_mask) - 1) * attention_mask`` (the key's index among the row's real
-tokens). Here it is a ``score_mod`` reading those ``[B, S]`` positions.
+tokens; in a packed row, its index within its document). Here it is a ``score_mod`` reading
+those ``[B, S]`` positions.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from . import (
     FamilyPatch,
     key_position_alibi,
     mask_key_positions,
+    packing_targets,
     pick_cache,
     refuse_dropout,
     wrap_attention_forward,
@@ -64,7 +66,7 @@ def _flex_forward(
 
 
 class Patch(FamilyPatch):
-    """Class-level wrap of ``BloomAttention.forward``."""
+    """Class-level wrap of ``BloomAttention.forward``; packed rows (see the package doc)."""
 
     model_type = "bloom"
 
@@ -72,4 +74,7 @@ class Patch(FamilyPatch):
         from transformers.models.bloom import modeling_bloom as mb
 
         orig = mb.BloomAttention.forward
-        return [(mb.BloomAttention, "forward", wrap_attention_forward(orig, _flex_forward))]
+        return [
+            (mb.BloomAttention, "forward", wrap_attention_forward(orig, _flex_forward)),
+            *packing_targets(mb, "Bloom", self.names),
+        ]

@@ -28,6 +28,8 @@ from . import (
     pick_cache,
     refuse_dropout,
     wrap_attention_forward,
+    wrap_mask_creation,
+    wrap_packing_forward,
 )
 
 __all__ = ["Patch"]
@@ -110,8 +112,17 @@ class Patch(FamilyPatch):
         from transformers.models.falcon import modeling_falcon as mf
 
         attn = wrap_attention_forward(mf.FalconAttention.forward, _flex_forward)
-        model = _wrap_model_forward(mf.FalconModel.forward, self.names)
-        return [(mf.FalconAttention, "forward", attn), (mf.FalconModel, "forward", model)]
+        # packed rows (cu_seq_lens, which FalconForCausalLM drops) around the ALiBi switch
+        model = wrap_packing_forward(
+            _wrap_model_forward(mf.FalconModel.forward, self.names), self.names
+        )
+        lm = wrap_packing_forward(mf.FalconForCausalLM.forward, self.names)
+        return [
+            (mf.FalconAttention, "forward", attn),
+            (mf.FalconModel, "forward", model),
+            (mf.FalconForCausalLM, "forward", lm),
+            (mf, "create_causal_mask", wrap_mask_creation(mf.create_causal_mask)),
+        ]
 
     def _extra_apply(self) -> None:
         from transformers.models.falcon import modeling_falcon as mf

@@ -14,7 +14,14 @@ import torch
 
 from hf_flexattn.mods import alibi_slopes_mpt
 
-from . import FamilyPatch, pick_cache, refuse_dropout, wrap_attention_forward
+from . import (
+    FamilyPatch,
+    packing_targets,
+    pick_cache,
+    refuse_dropout,
+    wrap_attention_forward,
+    wrap_mask_creation,
+)
 
 __all__ = ["Patch"]
 
@@ -95,7 +102,8 @@ def _wrap_create_causal_mask(orig: Any) -> Any:
 
 
 class Patch(FamilyPatch):
-    """``MptAttention.forward`` (class level) and MPT's mask-creation call site."""
+    """``MptAttention.forward`` (class level), MPT's mask-creation call site, and packed rows
+    (see the package doc)."""
 
     model_type = "mpt"
 
@@ -103,7 +111,11 @@ class Patch(FamilyPatch):
         from transformers.models.mpt import modeling_mpt as mm
 
         orig = mm.MptAttention.forward
+        # the packed-document mask first, then the copy that survives .to(torch.bool)
+        mask = _wrap_create_causal_mask(wrap_mask_creation(mm.create_causal_mask))
+        forwards = [t for t in packing_targets(mm, "Mpt", self.names) if t[1] == "forward"]
         return [
             (mm.MptAttention, "forward", wrap_attention_forward(orig, _flex_forward)),
-            (mm, "create_causal_mask", _wrap_create_causal_mask(mm.create_causal_mask)),
+            (mm, "create_causal_mask", mask),
+            *forwards,
         ]

@@ -131,7 +131,8 @@ class MaskInfo:
     kv_length]``, nonzero = keep: bool, or Transformers' integer mask as given) or ``None``;
     ``plain`` is true when the mask is a bare causal/sliding mask built without padding, cache
     offsets or packing, so the attention function may still add packed-document structure
-    from ``position_ids``.
+    from ``position_ids``. ``docs`` is the ``[B, kv_length]`` document id of each key of a
+    packed-row mask (ids ascending along the row), or ``None``.
     """
 
     q_offset: int | torch.Tensor
@@ -139,20 +140,30 @@ class MaskInfo:
     kv_length: int
     padding: torch.Tensor | None
     plain: bool
+    docs: torch.Tensor | None = None
     _kv_positions: torch.Tensor | None = None
 
     def alibi_key_positions(self) -> torch.Tensor | None:
-        """Key positions as Bloom/Falcon compute them for ALiBi: ``(cumsum(m) - 1) * m``.
+        """Key positions as Bloom/Falcon compute them for ALiBi: ``(cumsum(m) - 1) * m``, or,
+        in a packed-row mask, each key's index within its document (what the model computes
+        for the document on its own).
 
         Returns int64 ``[B, kv_length]`` for the keys of this mask, or ``None`` when there is
-        no padding mask (then the position of key ``j`` is ``kv_offset + j``).
+        no padding mask and no packing (then the position of key ``j`` is ``kv_offset + j``).
         """
-        if self.padding is None:
-            return None
-        if self._kv_positions is None:
+        if self._kv_positions is not None:
+            return self._kv_positions
+        if self.padding is not None:
             m = (self.padding != 0).to(torch.long)
             pos = (m.cumsum(-1) - 1) * m
             self._kv_positions = pos[:, self.kv_offset : self.kv_offset + self.kv_length]
+        elif self.docs is not None:
+            d = self.docs
+            idx = torch.arange(d.shape[-1], device=d.device).expand_as(d)
+            starts = torch.ones_like(d, dtype=torch.bool)
+            starts[:, 1:] = d[:, 1:] != d[:, :-1]
+            first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(-1).values
+            self._kv_positions = idx - first
         return self._kv_positions
 
 
@@ -939,6 +950,7 @@ def flex_mask(
             kv_length=kv_length,
             padding=full_pad,
             plain=plain,
+            docs=None if parsed is None else parsed[0].docs,
         ),
     )
     if key is not None:
@@ -983,7 +995,8 @@ def _document_mask(
         docs = docs.expand(batch, -1)
     st = _Structure(causal=True, window=window, docs=docs)
     bm = _build_structured(st, None, batch, length, length, 0, 0, device, block)
-    _attach(bm, MaskInfo(q_offset=0, kv_offset=0, kv_length=length, padding=None, plain=False))
+    _attach(bm, MaskInfo(q_offset=0, kv_offset=0, kv_length=length, padding=None, plain=False,
+                         docs=docs))
     if key is not None:
         _cache_put(key, bm, [source])
     return bm
