@@ -156,7 +156,8 @@ def wrap_packing_forward(orig: Callable, names: set[str]) -> Callable:
     (it would drop them) are taken out and held for the call; :func:`wrap_mask_creation`
     reads them. Other models, and calls without such kwargs, run ``orig`` unchanged.
     """
-    declared = set(inspect.signature(orig).parameters)
+    sig = inspect.signature(orig)
+    declared = set(sig.parameters)
 
     @functools.wraps(orig)
     def forward(self, *args, **kwargs):
@@ -170,7 +171,14 @@ def wrap_packing_forward(orig: Callable, names: set[str]) -> Callable:
         }
         if not found:
             return orig(self, *args, **kwargs)
-        token = _PACKING.set({**(_PACKING.get() or {}), **found})
+        outer = _PACKING.get() or {}
+        try:
+            given = sig.bind_partial(self, *args, **kwargs).arguments.get("attention_mask")
+        except TypeError:
+            given = None
+        # whether the caller gave no padding mask (some versions make an all-ones one)
+        found["_no_mask"] = outer.get("_no_mask", True) and given is None
+        token = _PACKING.set({**outer, **found})
         try:
             return orig(self, *args, **kwargs)
         finally:
@@ -193,15 +201,19 @@ def wrap_mask_creation(orig: Callable) -> Callable:
         packing = _PACKING.get()
         if not packing or not isinstance(mask, BlockMask):
             return mask
-        from hf_flexattn.integrations.transformers import select_mask
+        from hf_flexattn.integrations.transformers import get_mask_info, select_mask
 
         Lq, Lk = (int(n) for n in mask.seq_lengths)
         emb = kwargs.get("inputs_embeds")
         B = emb.shape[0] if isinstance(emb, torch.Tensor) else mask.kv_num_blocks.shape[0]
         if Lq != Lk:
             return mask  # a step against a cache: no packed rows there
-        packed, _ = select_mask(mask, B, Lq, Lk, mask.kv_num_blocks.device, None, True, packing)
-        return packed
+        # without a caller's padding mask, the packed-row kwargs define the structure alone
+        # (Transformers 5.17's Bloom passes an all-ones mask of its own here)
+        given = None if packing.get("_no_mask") else mask
+        packed, _ = select_mask(given, B, Lq, Lk, mask.kv_num_blocks.device, None, True, packing)
+        info = get_mask_info(packed)
+        return packed if info is not None and info.docs is not None else mask
 
     create_causal_mask._hf_flexattn_original = orig  # type: ignore[attr-defined]
     return create_causal_mask
