@@ -13,8 +13,8 @@ model uses the ``"flex"`` implementation:
 * family-specific hooks (Falcon: the ``"flex"`` entry in ``FALCON_ATTENTION_CLASSES`` that
   model construction needs, and the model-level ALiBi merge that must be skipped);
 * packed rows: these families' model classes drop ``cu_seq_lens_q/k`` (and Bloom and MPT
-  ``position_ids``) before attention sees them. Their ``...ForCausalLM`` and ``...Model``
-  forwards are wrapped to hold those kwargs for the call, and the family's
+  ``position_ids``) before attention sees them. The forwards of their model classes (base
+  model, LM head, the other heads) are wrapped to hold those kwargs for the call, and the family's
   ``create_causal_mask`` turns its BlockMask into the packed-document mask, so packed
   documents never attend to each other (the mask object then travels to every layer, also
   through gradient checkpointing's recomputation).
@@ -219,13 +219,24 @@ def wrap_mask_creation(orig: Callable) -> Callable:
     return create_causal_mask
 
 
-def packing_targets(module: Any, prefix: str, names: set[str]) -> list[tuple[Any, str, Any]]:
+def packing_targets(
+    module: Any, prefix: str, names: set[str], skip: tuple[str, ...] = ()
+) -> list[tuple[Any, str, Any]]:
     """Patch targets for packed rows in one family module (``prefix``: ``"Bloom"`` etc.): the
-    ``{prefix}ForCausalLM`` and ``{prefix}Model`` forwards and ``create_causal_mask``."""
+    forward of every model class there (``{prefix}Model``, ``...ForCausalLM``, the
+    classification and QA heads; not those named in ``skip``) and ``create_causal_mask``."""
+    base = getattr(module, f"{prefix}PreTrainedModel")
     out = []
-    for cls_name in (f"{prefix}ForCausalLM", f"{prefix}Model"):
-        cls = getattr(module, cls_name)
-        out.append((cls, "forward", wrap_packing_forward(cls.forward, names)))
+    for name, cls in sorted(vars(module).items()):
+        if (
+            isinstance(cls, type)
+            and issubclass(cls, base)
+            and cls is not base
+            and name.startswith(prefix)
+            and "forward" in vars(cls)
+            and name not in skip
+        ):
+            out.append((cls, "forward", wrap_packing_forward(cls.forward, names)))
     out.append((module, "create_causal_mask", wrap_mask_creation(module.create_causal_mask)))
     return out
 

@@ -25,10 +25,10 @@ from . import (
     FamilyPatch,
     key_position_alibi,
     mask_key_positions,
+    packing_targets,
     pick_cache,
     refuse_dropout,
     wrap_attention_forward,
-    wrap_mask_creation,
     wrap_packing_forward,
 )
 
@@ -116,12 +116,10 @@ class Patch(FamilyPatch):
         model = wrap_packing_forward(
             _wrap_model_forward(mf.FalconModel.forward, self.names), self.names
         )
-        lm = wrap_packing_forward(mf.FalconForCausalLM.forward, self.names)
         return [
             (mf.FalconAttention, "forward", attn),
             (mf.FalconModel, "forward", model),
-            (mf.FalconForCausalLM, "forward", lm),
-            (mf, "create_causal_mask", wrap_mask_creation(mf.create_causal_mask)),
+            *packing_targets(mf, "Falcon", self.names, skip=("FalconModel",)),
         ]
 
     def _extra_apply(self) -> None:

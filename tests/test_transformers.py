@@ -14,6 +14,7 @@ machine run the whole file on CUDA with the Triton backend::
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 
 import pytest
@@ -828,6 +829,31 @@ def test_patched_packed_rows_under_gradient_checkpointing(model_type):
         for name, g in expect.items():
             err = (got[name] - g).abs().max() / g.abs().max().clamp_min(1e-6)
             assert err <= 1e-3, f"{name} (checkpointing={checkpointing}): {float(err):.2e}"
+
+
+@pytest.mark.parametrize("model_type", ["bloom", "falcon", "mpt"])
+def test_patched_token_classification_head_keeps_packed_rows(model_type):
+    # the heads besides the LM head drop packed-row kwargs too: per-token logits of a packed
+    # row (cu_seq_lens only) equal those of its documents run apart
+    from transformers import AutoModelForTokenClassification
+
+    config = tiny_config(model_type)
+    config.num_labels = 3
+    torch.manual_seed(0)
+    ref = AutoModelForTokenClassification.from_config(
+        copy.deepcopy(config), attn_implementation=reference_impl(model_type)
+    ).eval().to(DEVICE)
+    flex = AutoModelForTokenClassification.from_config(
+        copy.deepcopy(config), attn_implementation="flex"
+    ).eval().to(DEVICE)
+    flex.load_state_dict(ref.state_dict())
+    docs = _docs(seed=3)
+    cu = torch.tensor([0, *itertools.accumulate(len(d) for d in docs)], dtype=torch.int32,
+                      device=DEVICE)
+    with torch.no_grad():
+        expect = torch.cat([ref(d[None]).logits[0] for d in docs])
+        got = flex(torch.cat(docs)[None], cu_seq_lens_q=cu, cu_seq_lens_k=cu).logits[0]
+    torch.testing.assert_close(got, expect, atol=2e-4, rtol=0)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma2", "gpt_oss", "gpt2", "bloom",
