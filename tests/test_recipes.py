@@ -186,7 +186,9 @@ def _reference_run(args, steps: int) -> tuple[list[float], torch.nn.Module]:
 
 @pytest.mark.parametrize(
     "model,packing",
-    [("llama", "cu_seq_lens"), ("qwen2", "position_ids"), ("gemma2", "cu_seq_lens")],
+    [("llama", "cu_seq_lens"), ("qwen2", "position_ids"), ("gemma2", "cu_seq_lens"),
+     # ALiBi families through hf_flexattn.patches
+     ("bloom", "cu_seq_lens"), ("mpt", "position_ids")],
 )
 def test_recipe_equals_training_each_document_alone(tmp_path, model, packing):
     config = dict(TINY)
