@@ -204,10 +204,10 @@ def wrap_mask_creation(orig: Callable) -> Callable:
         from hf_flexattn.integrations.transformers import get_mask_info, select_mask
 
         Lq, Lk = (int(n) for n in mask.seq_lengths)
-        emb = kwargs.get("inputs_embeds")
-        B = emb.shape[0] if isinstance(emb, torch.Tensor) else mask.kv_num_blocks.shape[0]
         if Lq != Lk:
             return mask  # a step against a cache: no packed rows there
+        emb = kwargs.get("inputs_embeds")
+        B = emb.shape[0] if isinstance(emb, torch.Tensor) else mask.kv_num_blocks.shape[0]
         # without a caller's padding mask, the packed-row kwargs define the structure alone
         # (Transformers 5.17's Bloom passes an all-ones mask of its own here)
         given = None if packing.get("_no_mask") else mask
@@ -220,11 +220,16 @@ def wrap_mask_creation(orig: Callable) -> Callable:
 
 
 def packing_targets(
-    module: Any, prefix: str, names: set[str], skip: tuple[str, ...] = ()
+    module: Any,
+    prefix: str,
+    names: set[str],
+    skip: tuple[str, ...] = (),
+    mask_outer: Callable | None = None,
 ) -> list[tuple[Any, str, Any]]:
     """Patch targets for packed rows in one family module (``prefix``: ``"Bloom"`` etc.): the
     forward of every model class there (``{prefix}Model``, ``...ForCausalLM``, the
-    classification and QA heads; not those named in ``skip``) and ``create_causal_mask``."""
+    classification and QA heads; not those named in ``skip``) and ``create_causal_mask``
+    (wrapped once more by ``mask_outer``, for a family that also adjusts its masks)."""
     base = getattr(module, f"{prefix}PreTrainedModel")
     out = []
     for name, cls in sorted(vars(module).items()):
@@ -237,7 +242,8 @@ def packing_targets(
             and name not in skip
         ):
             out.append((cls, "forward", wrap_packing_forward(cls.forward, names)))
-    out.append((module, "create_causal_mask", wrap_mask_creation(module.create_causal_mask)))
+    mask = wrap_mask_creation(module.create_causal_mask)
+    out.append((module, "create_causal_mask", mask if mask_outer is None else mask_outer(mask)))
     return out
 
 

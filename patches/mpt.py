@@ -20,7 +20,6 @@ from . import (
     pick_cache,
     refuse_dropout,
     wrap_attention_forward,
-    wrap_mask_creation,
 )
 
 __all__ = ["Patch"]
@@ -112,10 +111,7 @@ class Patch(FamilyPatch):
 
         orig = mm.MptAttention.forward
         # the packed-document mask first, then the copy that survives .to(torch.bool)
-        mask = _wrap_create_causal_mask(wrap_mask_creation(mm.create_causal_mask))
-        forwards = [t for t in packing_targets(mm, "Mpt", self.names) if t[1] == "forward"]
         return [
             (mm.MptAttention, "forward", wrap_attention_forward(orig, _flex_forward)),
-            (mm, "create_causal_mask", mask),
-            *forwards,
+            *packing_targets(mm, "Mpt", self.names, mask_outer=_wrap_create_causal_mask),
         ]

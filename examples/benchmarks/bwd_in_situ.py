@@ -56,8 +56,8 @@ def main() -> None:
     def blhd(h: int) -> torch.Tensor:
         return torch.randn(1, L, h, d, device=dev, dtype=dt, generator=g).transpose(1, 2)
 
-    q, k, v, do = blhd(hq).requires_grad_(), blhd(hkv).requires_grad_(), blhd(hkv), blhd(hq)
-    v.requires_grad_()
+    q, k, v = blhd(hq).requires_grad_(), blhd(hkv).requires_grad_(), blhd(hkv).requires_grad_()
+    do = blhd(hq)
     x = torch.randn(L, hid, device=dev, dtype=dt)
     w1 = torch.randn(hid, ffn, device=dev, dtype=dt) / hid**0.5
     w2 = torch.randn(ffn, hid, device=dev, dtype=dt) / ffn**0.5
