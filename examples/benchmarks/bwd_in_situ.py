@@ -8,7 +8,7 @@ Transformers' ``[B, L, H, D]`` memory layout, bf16), first back to back, then wi
 of the step's matmul shapes before each call (the GPU's clocks and L2 as they are inside a
 training step), and prints the SM clock where NVML is available.
 
-    python examples/benchmarks/bwd_in_situ.py [--iters 10] [--no-torch]
+    python examples/benchmarks/bwd_in_situ.py [--iters 10] [--no-torch] [--order torch,ours]
     TRITON_INTERPRET=1 python examples/benchmarks/bwd_in_situ.py --quick   # CPU smoke run
 """
 
@@ -38,6 +38,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--order", default="ours,torch",
+                   help="comma-separated run order (the GPU clock drifts over a run)")
     p.add_argument("--quick", action="store_true", help="tiny shapes on the CPU (no timings)")
     args = p.parse_args()
     if args.quick:
@@ -70,6 +72,7 @@ def main() -> None:
     if not args.no_torch:
         tf = _torch_flex(True)
         impls["torch"] = lambda: tf(q, k, v, block_mask=bm, enable_gqa=True)
+    impls = {n: impls[n] for n in args.order.split(",") if n in impls}
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     print(f"SM clock at start: {_clock()}")
     for name, fn in impls.items():
