@@ -10,7 +10,8 @@ on a hit calls the compiled kernel's launcher directly.
 
 The direct path is used only on CUDA, with no launch hooks installed (profilers such as
 proton add them; an empty hook chain counts as none), and only for plain tensors, ints,
-floats, bools and None; everything else takes Triton's own path. Under
+floats, bools, None and Triton's host ``TensorDescriptor`` over a CUDA tensor (the compiled
+launcher encodes those itself); everything else takes Triton's own path. Under
 ``TRITON_INTERPRET=1`` it always takes Triton's path.
 """
 
@@ -85,12 +86,43 @@ def _no_hooks() -> bool:
     )
 
 
+#: Triton's host-side ``TensorDescriptor`` class once a Launcher exists (None before, or on a
+#: Triton without it); False once a compiled launcher has refused one
+_DESC: list = [None]
+
+
+def _descriptor_type() -> Any:
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # pragma: no cover - Triton < 3.4
+        return None
+    return TensorDescriptor
+
+
+def _desc_spec(d: Any) -> tuple | None:
+    """A superset of what Triton specialises a host tensor descriptor on: its base's dtype
+    and alignment, the block shape, the padding and TF32 flags (the IR type), and the
+    int specialisation of shape and strides (which Triton passes as plain ints today)."""
+    base = d.base
+    if not isinstance(base, torch.Tensor):
+        return None
+    lo, hi = _I32
+    ints = []
+    for x in (*d.shape, *d.strides):
+        if type(x) is not int or not lo <= x <= hi:
+            return None
+        ints.append(1 if x == 1 else (0 if x & 15 else 16))
+    return ("desc", base.dtype, base.data_ptr() & 15 == 0, tuple(d.block_shape),
+            getattr(d, "padding", None), getattr(d, "round_f32_to_tf32", None), tuple(ints))
+
+
 def _spec(args: tuple) -> tuple | None:
     """What Triton specialises ``args`` on (a superset of it), or None if not plain."""
     out = []
     add = out.append
     lo, hi = _I32
     Tensor = torch.Tensor
+    desc = _DESC[0]
     for a in args:
         t = type(a)
         if t is int:  # the common case first: strides and sizes
@@ -105,6 +137,11 @@ def _spec(args: tuple) -> tuple | None:
             add("T" if a else "F")  # not 1/0: True == 1 in a dict key
         elif t is float:
             add(0.5)
+        elif t is desc and desc:
+            d = _desc_spec(a)
+            if d is None:
+                return None
+            add(d)
         else:
             return None
     return tuple(out)
@@ -116,6 +153,8 @@ class Launcher:
     ``num_stages``) must name every parameter after the positional ``args``."""
 
     def __init__(self, fn: Any) -> None:
+        if _DESC[0] is None:
+            _DESC[0] = _descriptor_type()
         self.fn = fn
         self.names = list(fn.arg_names)
         self.kernels: dict[tuple, tuple] = {}
@@ -194,10 +233,18 @@ class Launcher:
 
     def _direct_failed(self, e: Exception, grid: tuple, args: tuple, cx: dict) -> None:
         """This Triton's launcher takes other arguments: launch through Triton, now and from
-        now on."""
+        now on (only for launches with tensor descriptors, if the failed one had some)."""
         global _disabled
-        _logger.warning("hf_flexattn: direct Triton launch unavailable (%s); using Triton's", e)
-        _disabled = True
+        desc = _DESC[0]
+        if desc and any(type(a) is desc for a in args):
+            _logger.warning("hf_flexattn: direct Triton launch with tensor descriptors "
+                            "unavailable (%s); using Triton's for those", e)
+            _DESC[0] = False
+        else:
+            _logger.warning(
+                "hf_flexattn: direct Triton launch unavailable (%s); using Triton's", e
+            )
+            _disabled = True
         self._triton(grid, args, cx)
 
 

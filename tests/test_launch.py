@@ -209,3 +209,88 @@ def test_bound_direct_tail_goes_to_direct_launches_only(fake_cuda):
     assert fn.log[2][1][9:] == (x.data_ptr(), t.data_ptr(), 0.5, 32, True)
     with pytest.raises(ValueError, match="one value per tail argument"):
         lau.bind((7,), (t, 0.5), cx, direct_tail=(t.data_ptr(),))
+
+
+# ------------------------------------------------------------------ tensor descriptors
+def _desc(t, block):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block)
+
+
+@pytest.fixture
+def descriptors(monkeypatch):
+    pytest.importorskip("triton.tools.tensor_descriptor")
+    monkeypatch.setattr(_launch, "_DESC", [None])  # the first Launcher looks the class up
+
+
+def test_descriptor_launches_go_direct_with_the_descriptor_itself(fake_cuda, descriptors):
+    # the compiled launcher encodes host tensor descriptors itself, so a direct launch
+    # passes the descriptor object; a fresh descriptor of the same specialisation hits
+    fn = FakeJit()
+    lau = _launch.Launcher(fn)
+    cx = dict(BLOCK=32, FLAG=True, num_warps=4, num_stages=2)
+    k = torch.zeros(2, 64, 32)
+    lau((1,), (_desc(k, [1, 16, 32]), 48, 0.5), cx)
+    d2 = _desc(torch.ones(2, 64, 32), [1, 16, 32])
+    lau((1,), (d2, 48, 0.5), cx)
+    assert [e[0] for e in fn.log] == ["triton", "direct"]
+    assert fn.log[1][1][9] is d2 and fn.log[1][1][10:] == (48, 0.5, 32, True)
+
+
+@pytest.mark.parametrize("change", ["block", "dtype", "shape_int1", "stride_odd"])
+def test_a_new_descriptor_specialisation_goes_through_triton(fake_cuda, descriptors, change):
+    # (a descriptor's base is always 16-byte aligned: TensorDescriptor asserts it)
+    fn = FakeJit()
+    lau = _launch.Launcher(fn)
+    cx = dict(BLOCK=32, FLAG=True, num_warps=4, num_stages=2)
+    base = torch.zeros(2, 64, 32)
+    lau((1,), (_desc(base, [1, 16, 32]), 48, 0.5), cx)
+    block = [1, 16, 32]
+    t = base
+    if change == "block":
+        block = [1, 32, 32]
+    elif change == "dtype":
+        t = base.half()
+    elif change == "shape_int1":  # batch 1: a shape entry equal to 1
+        t = torch.zeros(1, 64, 32)
+    else:
+        t = torch.zeros(2, 64, 36)[..., :32]  # row stride 36: not divisible by 16
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    d = TensorDescriptor(t, list(t.shape), list(t.stride()), block)
+    lau((1,), (d, 48, 0.5), cx)
+    assert [e[0] for e in fn.log] == ["triton", "triton"]
+
+
+def test_spec_of_descriptors_names_dtype_alignment_block_and_int_classes(descriptors):
+    _launch.Launcher(FakeJit())  # loads the descriptor class
+    k = torch.zeros(2, 64, 32)
+    s = _launch._spec((_desc(k, [1, 16, 32]),))
+    # (padding and round_f32_to_tf32 are read where this Triton's descriptor has them)
+    assert s[0][:4] == ("desc", torch.float32, True, (1, 16, 32))
+    assert s[0][-1] == (0, 16, 16, 16, 16, 1)  # shape (2, 64, 32), strides (2048, 32, 1)
+    assert _launch._spec((_desc(k.half(), [1, 16, 32]),)) != s
+
+
+def test_a_launcher_rejecting_descriptors_turns_off_only_descriptor_launches(
+    fake_cuda, descriptors
+):
+    fn = FakeJit()
+    lau = _launch.Launcher(fn)
+    cx = dict(BLOCK=32, FLAG=True, num_warps=4, num_stages=2)
+    d = _desc(torch.zeros(2, 64, 32), [1, 16, 32])
+    lau((1,), (d, 48, 0.5), cx)
+
+    def bad_run(*a):
+        raise TypeError("no descriptors here")
+
+    key = next(iter(lau.kernels))
+    lau.kernels[key] = (bad_run,) + lau.kernels[key][1:]
+    lau((1,), (d, 48, 0.5), cx)  # the direct call fails: Triton launches it instead
+    assert _launch._DESC[0] is False and not _launch._disabled
+    lau((1,), (d, 48, 0.5), cx)  # descriptors now always through Triton
+    x = torch.zeros(64)
+    lau((1,), (x, 48, 0.5), cx)
+    lau((1,), (x, 48, 0.5), cx)  # plain arguments still go direct
+    assert [e[0] for e in fn.log] == ["triton", "triton", "triton", "triton", "direct"]

@@ -828,6 +828,35 @@ def test_cuda_tma_forward_default_tiles(D):
 
 
 @pytest.mark.cuda
+def test_cuda_tma_forward_repeated_calls_launch_directly():
+    # calls with tensor-descriptor K/V after the first skip Triton's binding: the compiled
+    # launcher gets the descriptors. Fresh tensors, the same shape again, a longer sequence
+    # (new descriptor shape, same specialisation) and a batch of 1 (another one) must all
+    # be right
+    from hf_flexattn.kernels import _launch, flex_fwd
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need compute capability 9")
+    Hq, Hkv, D, dt = 8, 2, 128, torch.bfloat16
+    sm, mm = head_slope(torch.linspace(0.01, 0.08, Hq, device=DEV)), causal()
+    direct = _launch.stats["direct"]
+    for i, (B, L) in enumerate([(2, 640), (2, 640), (2, 640), (2, 1024 + 37), (1, 640)]):
+        g = torch.Generator().manual_seed(20 + i)
+        q = torch.randn(B, L, Hq, D, generator=g).to(DEV, dt).transpose(1, 2)
+        k = torch.randn(B, L, Hkv, D, generator=g).to(DEV, dt).transpose(1, 2)
+        v = torch.randn(B, L, Hkv, D, generator=g).to(DEV, dt).transpose(1, 2)
+        assert flex_fwd.tma_descriptors(k, v, 128, D, D) is not None
+        bm = create_block_mask(mm, None, None, L, L, device=DEV, BLOCK_SIZE=(128, 128))
+        out = flex_attention(q, k, v, sm, bm, enable_gqa=True,
+                             kernel_options=dict(TRITON, tma=True))
+        r, _ = reference_attention(q, k, v, sm, mm, None, True)
+        b, _ = reference_attention(q, k, v, sm, mm, None, True, compute_dtype=dt)
+        assert_close_by_ratio(out, r, b, f"out[{i}]")
+    assert _launch._DESC[0] and not _launch._disabled
+    assert _launch.stats["direct"] >= direct + 2  # calls 1 and 2 went direct
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_decode_and_head_dims(dtype):
     for L, E, Ev in ((1, 128, 128), (16, 64, 64), (300, 80, 80), (300, 96, 64), (200, 256, 256)):
