@@ -271,7 +271,7 @@ def _dispatch(
 
 def test_dispatch_rule(calls):
     assert _dispatch(calls)  # auto: L = 1, S = 300 >= DECODE_MIN_S
-    assert not _dispatch(calls, S=200)  # short kv: regular kernel
+    assert _dispatch(calls, S=200)  # short kv too (DECODE_MIN_S = 1)
     assert _dispatch(calls, S=200, opts={"decode": True})
     assert not _dispatch(calls, opts={"decode": False})
     assert not _dispatch(calls, grad=True)  # gradient needed
@@ -741,7 +741,7 @@ def test_cuda_template_steps_launch_directly_from_their_first_call(calls):
     assert _launch.stats["direct"] == direct_before + 3
 
 
-def test_template_is_not_used_where_the_call_differs(calls):
+def test_template_is_not_used_where_the_call_differs(calls, monkeypatch):
     sm = M.alibi(torch.tensor([0.1, 0.5], device=DEV).repeat_interleave(2))
     tb.clear_templates()
     bm, _ = _step_mask(300)
@@ -761,7 +761,9 @@ def test_template_is_not_used_where_the_call_differs(calls):
     r, _ = reference_attention(q2, k2, v2, sm, bm2.mask_mod, 0.3, True)
     b, _ = reference_attention(q2, k2, v2, sm, bm2.mask_mod, 0.3, True, compute_dtype=q2.dtype)
     assert_close_by_ratio(out, r, b, "scale 0.3")
-    # below the split threshold the regular kernel runs, as without a template
+    # below a split threshold (256 here; the default is 1) the regular kernel runs, as
+    # without a template
+    monkeypatch.setattr(tb, "DECODE_MIN_S", 256)
     n_fwd = calls["fwd"]
     bm3, _ = _step_mask(200)
     q3, k3, v3 = _inputs(2, 4, 2, 1, 200, 16, 16, torch.float32)

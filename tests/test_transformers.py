@@ -630,15 +630,17 @@ def test_greedy_generate_triton(model_type, triton_backend):
 @pytest.mark.interpreter
 @pytest.mark.parametrize("model_type", ["llama", "gemma2"])
 def test_long_prompt_generate_triton_runs_decode_plans(model_type, triton_backend, monkeypatch):
-    """A prompt past the split-KV threshold: every decoding step's first layer builds its plan
-    from the last step's template, the later layers run it (the attention function's fast
-    lane), and the tokens equal the reference's."""
+    """A long prompt (260 tokens, past the split-KV kernel's old 256-key threshold): every
+    decoding step's first layer builds its plan from the last step's template, the later
+    layers run it (the attention function's fast lane), and the tokens equal the
+    reference's."""
     from hf_flexattn.kernels import flex_decode
 
     from hf_flexattn.backends import triton_backend as tb
 
     ref, flex = make_pair(model_type, seed=3)
-    ids, am = left_padded_batch(seed=5, length=tb.DECODE_MIN_S + 4)
+    assert tb.DECODE_MIN_S <= 260
+    ids, am = left_padded_batch(seed=5, length=260)
     n_new = 4
     used = {"plan": 0, "template": 0}
     plan_call, from_template = flex_decode.DecodePlan.__call__, tb._plan_from_template

@@ -27,12 +27,14 @@ a few slow steps on a noisy machine do not move.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 _CUDA = "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1 :][:1] == ["cuda"]
@@ -75,6 +77,22 @@ def _stub_kernels() -> None:
     sdpa_mod.torch = _Torch()
 
 
+@contextlib.contextmanager
+def _count_syncs(cuda: bool):
+    """Collect one entry per host-device synchronisation (CUDA's sync debug mode)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        found: list = []
+        try:
+            yield found
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+        found.extend(w for w in caught if "synchroniz" in str(w.message))
+
+
 _ACC: dict[str, float] = {}
 _CALLS: list[tuple[int, int, float]] = []
 
@@ -99,13 +117,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--new", type=int, default=64, help="new tokens per generate call")
-    p.add_argument("--prompt", type=int, default=300, help="prompt length (>= 256: decode kernel)")
+    p.add_argument("--prompt", type=int, default=300, help="prompt length")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--impls", default="flex,sdpa")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: real kernels, the e2e benchmark's model in bf16")
     p.add_argument("--json", help="append this run's medians (with --label) to a JSON file")
     p.add_argument("--label", default="", help="name of this run in --json")
+    p.add_argument("--decode-min-s", type=int, metavar="S",
+                   help="use the decode kernel from S keys on (default: the backend's)")
+    p.add_argument("--profile-prompt", action="store_true",
+                   help="after the timings, cProfile one prompt call per impl (our functions)")
     p.add_argument("--plot", nargs="+", metavar="JSON", help="draw saved runs (no timing)")
     p.add_argument("--png", default="host_overhead_cpu.png", help="where --plot draws")
     args = p.parse_args()
@@ -114,6 +136,10 @@ def main() -> None:
         return
     impls = args.impls.split(",")
     cuda = args.device == "cuda"
+    if args.decode_min_s is not None:
+        from hf_flexattn.backends import triton_backend
+
+        triton_backend.DECODE_MIN_S = args.decode_min_s
     if not cuda:
         torch.set_num_threads(1)
         # the stubbed kernels leave their outputs uninitialised; denormal garbage would make
@@ -160,6 +186,8 @@ def main() -> None:
     steps = {i: [] for i in impls}
     parts = {i: {"mask": [], "attention": []} for i in impls}
     layers = {i: {} for i in impls}
+    prompt = {i: {k: [] for k in ("first", "mask", "attention", "syncs", "layer0", "layers1")}
+              for i in impls}
     with torch.no_grad():
         for m in models.values():
             m.generate(ids, attention_mask=am, **kw)
@@ -167,11 +195,23 @@ def main() -> None:
             for i, m in models.items():  # interleaved
                 # the prompt alone, then the whole call: the difference is the decoding steps
                 _ACC.clear()
+                _CALLS.clear()
+                stamps.clear()
                 sync()
-                t = time.perf_counter()
-                m.generate(ids, attention_mask=am, **dict(kw, max_new_tokens=1, min_new_tokens=1))
-                sync()
+                with _count_syncs(cuda) as syncs:
+                    t = time.perf_counter()
+                    m.generate(
+                        ids, attention_mask=am, **dict(kw, max_new_tokens=1, min_new_tokens=1)
+                    )
+                    first = stamps[0] - t  # host time to the first token, the GPU not waited
+                    sync()
                 pre, pre_acc = time.perf_counter() - t, dict(_ACC)
+                prompt[i]["first"].append(first)
+                prompt[i]["mask"].append(pre_acc.get("mask", 0.0))
+                prompt[i]["attention"].append(pre_acc.get("attention", 0.0))
+                prompt[i]["syncs"].append(len(syncs))
+                for layer, _lq, dt in _CALLS:
+                    prompt[i]["layer0" if layer == 0 else "layers1"].append(dt)
                 _ACC.clear()
                 _CALLS.clear()
                 stamps.clear()
@@ -199,6 +239,15 @@ def main() -> None:
             "layer0_us": statistics.median(layers[i].get(0, [0.0])) * us,
             "layers1_us": (statistics.median(rest) if rest else 0.0) * us,
         }
+        pr = prompt[i]
+        rows[i].update({
+            "prompt_first_us": statistics.median(pr["first"]) * us,
+            "prompt_mask_us": statistics.median(pr["mask"]) * us,
+            "prompt_attention_us": statistics.median(pr["attention"]) * us,
+            "prompt_layer0_us": statistics.median(pr["layer0"] or [0.0]) * us,
+            "prompt_layers1_us": statistics.median(pr["layers1"] or [0.0]) * us,
+            "prompt_syncs": statistics.median(pr["syncs"]),
+        })
     if args.json:
         runs = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else []
         runs.append({"label": args.label, "rounds": args.rounds, "batch": B,
@@ -212,6 +261,28 @@ def main() -> None:
     for i, r in rows.items():
         print(f"{i:6s} {r['step_us']:9.0f} {r['step_median_us']:16.0f} {r['mask_us']:9.1f} "
               f"{r['attention_us']:13.1f} {r['layer0_us']:11.1f} {r['layers1_us']:13.1f}")
+    if args.profile_prompt:
+        import cProfile
+        import pstats
+
+        for i, m in models.items():
+            pr = cProfile.Profile()
+            with torch.no_grad():
+                sync()
+                pr.enable()
+                m.generate(ids, attention_mask=am, **dict(kw, max_new_tokens=1, min_new_tokens=1))
+                pr.disable()
+                sync()
+            print(f"== cProfile of one prompt call, {i}")
+            pstats.Stats(pr).sort_stats("cumtime").print_stats("hf_flexattn|kernels/|masking", 30)
+    print("the prompt (generate with one new token): host time to the first token, without "
+          "waiting for the GPU; host syncs counted on CUDA")
+    print(f"{'impl':6s} {'to 1st token us':>16s} {'mask us':>9s} {'attention us':>13s} "
+          f"{'layer 0 us':>11s} {'layers 1+ us':>13s} {'syncs':>6s}")
+    for i, r in rows.items():
+        print(f"{i:6s} {r['prompt_first_us']:16.0f} {r['prompt_mask_us']:9.1f} "
+              f"{r['prompt_attention_us']:13.1f} {r['prompt_layer0_us']:11.1f} "
+              f"{r['prompt_layers1_us']:13.1f} {r['prompt_syncs']:6.0f}")
 
 
 def _plot(files: list[str], png: str) -> None:

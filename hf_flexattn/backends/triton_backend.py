@@ -775,7 +775,12 @@ flex_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------ decode
-DECODE_MIN_S = 256  # below this many keys splitting the kv work does not pay
+# The decode kernel from this many keys on (``kernel_options["decode"]`` unset or "auto").
+# It was 256 (below that, splitting the kv work saves no GPU time), but short caches are
+# where generation is bound by host time, and only the decode path has stored plans: on the
+# H200, batch 1 after a 128-token prompt, a step took 10.4 ms with 256 and 7.1 ms with 1
+# (sdpa 7.0), batch 32 13.0 against 15.3 ms (BENCHMARKS.md, session 12).
+DECODE_MIN_S = 1
 
 
 _DECODE_CFGS: dict[tuple, Any] = {}
