@@ -20,3 +20,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def prepare_calls(monkeypatch):
+    """``{"prepare": n}``: how many times the Triton backend prepared a call (validation,
+    mod tracing, kernel choice) since the test began; a stored plan skips it."""
+    from hf_flexattn.backends import triton_backend as tb
+
+    n = {"prepare": 0}
+    real = tb.prepare
+
+    def counted(*a, **k):
+        n["prepare"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(tb, "prepare", counted)
+    return n

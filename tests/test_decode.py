@@ -912,3 +912,81 @@ def test_capture_args_match_runtime_args():
     args, ptrs = ModCode.capture_args([t1, t2])
     assert list(args) == code.runtime_args()
     assert list(ptrs) == code.runtime_args(pointers=True)
+
+
+# ------------------------------------------------------------------ stored forward plans
+def test_forward_plan_serves_later_calls_with_one_mask(calls, prepare_calls):
+    # a prompt's layers: one BlockMask, the same shapes, new q/k/v each time. The first call
+    # stores a plan on the mask; the others run it (no preparation), on the regular kernel,
+    # with the right results and lse
+    n = prepare_calls
+    sm = M.alibi(torch.tensor([0.1, 0.3, 0.5, 0.7], device=DEV))
+    B, Hq, Hkv, L = 2, 4, 2, 40
+    bm = create_block_mask(M.causal(), None, None, L, L, device=DEV, BLOCK_SIZE=(16, 16))
+    for layer in range(3):
+        q, k, v = _inputs(B, Hq, Hkv, L, L, 16, 16, torch.float16, seed=layer)
+        with torch.no_grad():
+            out, lse = _run(q, k, v, sm, bm, {})
+        r_out, r_lse = reference_attention(q, k, v, sm, bm.mask_mod, None, True)
+        b_out, b_lse = reference_attention(
+            q, k, v, sm, bm.mask_mod, None, True, compute_dtype=q.dtype
+        )
+        assert_close_by_ratio(out, r_out, b_out, f"out layer {layer}")
+        assert_close_by_ratio(lse, r_lse, b_lse, f"lse layer {layer}")
+    assert calls["fwd"] == 3 and calls["decode"] == 0
+    assert n["prepare"] == 1
+    plans = getattr(bm, tb._PLANS_ATTR)
+    assert [type(p[0]) for p in plans.values()] == [tb._FwdPlan]
+
+
+def test_forward_plan_is_not_used_where_the_call_differs(calls, prepare_calls):
+    n = prepare_calls
+    B, Hq, Hkv, L = 1, 4, 2, 40
+    bm = create_block_mask(M.causal(), None, None, L, L, device=DEV, BLOCK_SIZE=(16, 16))
+    q, k, v = _inputs(B, Hq, Hkv, L, L, 16, 16, torch.float32)
+    with torch.no_grad():
+        _run(q, k, v, None, bm, {})
+    assert n["prepare"] == 1
+    # other head counts, another scale, another score_mod: the normal path (and a plan each)
+    q2, k2, v2 = _inputs(B, 2, 2, L, L, 16, 16, torch.float32, seed=1)
+    sm = M.alibi(torch.tensor([0.2, 0.4, 0.6, 0.8], device=DEV))
+    with torch.no_grad():
+        _ref_check(_run(q2, k2, v2, None, bm, {})[0], q2, k2, v2, None, bm, "heads")
+        out, _ = _run(q, k, v, None, bm, {}, scale=0.3)
+        _ref_check(_run(q, k, v, sm, bm, {})[0], q, k, v, sm, bm, "score_mod")
+    r, _ = reference_attention(q, k, v, None, bm.mask_mod, 0.3, True)
+    b, _ = reference_attention(q, k, v, None, bm.mask_mod, 0.3, True, compute_dtype=q.dtype)
+    assert_close_by_ratio(out, r, b, "scale")
+    assert n["prepare"] == 4
+    # gradients needed: the differentiable path, and a backward that matches fp64
+    qg = q.clone().requires_grad_()
+    out = _run(qg, k, v, None, bm, {})[0]
+    out.sum().backward()
+    assert n["prepare"] == 5 and qg.grad is not None
+    qr = q.double().requires_grad_()
+    r_out, _ = reference_attention(qr, k.double(), v.double(), None, bm.mask_mod, None, True)
+    r_out.sum().backward()
+    torch.testing.assert_close(qg.grad.double(), qr.grad, atol=1e-4, rtol=1e-4)
+    # the mask's mask_mod or tensors reassigned: the plan does not apply. Only partial tiles
+    # read mask_mod, so the expected result is a fresh mask with the same tensors and the
+    # new mod (the normal path), and it must differ from the old mod's
+    with torch.no_grad():
+        old = _run(q, k, v, None, bm, {})[0]
+        new_mod = M.causal(-3)  # q_idx - 3 >= kv_idx: differs on the diagonal tiles only
+        bm.mask_mod = new_mod
+        got = _run(q, k, v, None, bm, {})[0]
+        fresh = create_block_mask(M.causal(), None, None, L, L, device=DEV, BLOCK_SIZE=(16, 16))
+        fresh.mask_mod = new_mod
+        expect = _run(q, k, v, None, fresh, {})[0]
+    assert n["prepare"] == 7
+    torch.testing.assert_close(got, expect, atol=0, rtol=0)
+    assert not torch.equal(got, old)
+    bm.kv_num_blocks = bm.kv_num_blocks.clone()
+    with torch.no_grad():
+        torch.testing.assert_close(_run(q, k, v, None, bm, {})[0], expect, atol=0, rtol=0)
+    assert n["prepare"] == 8
+    # tuning options: never a plan
+    with torch.no_grad():
+        _run(q, k, v, None, bm, {"BLOCK_M": 16, "BLOCK_N": 16})
+        _run(q, k, v, None, bm, {"BLOCK_M": 16, "BLOCK_N": 16})
+    assert n["prepare"] == 10

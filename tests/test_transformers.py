@@ -121,8 +121,15 @@ def reference_impl(model_type: str) -> str:
     return "sdpa" if model_type == "falcon" else "eager"
 
 
-def make_pair(model_type: str, seed: int = 0):
+def make_pair(model_type: str, seed: int = 0, layers: int | None = None):
+    """(reference model, flex model) with the same weights; ``layers``: more layers than the
+    tiny config's 2 (``layer_types`` repeated)."""
     config = tiny_config(model_type)
+    if layers is not None:
+        kinds = getattr(config, "layer_types", None)
+        config.num_hidden_layers = layers
+        if kinds:
+            config.layer_types = [kinds[i % len(kinds)] for i in range(layers)]
     torch.manual_seed(seed)
     ref = AutoModelForCausalLM.from_config(
         copy.deepcopy(config), attn_implementation=reference_impl(model_type)
@@ -666,6 +673,29 @@ def test_long_prompt_generate_triton_runs_decode_plans(model_type, triton_backen
     # decoding steps 2.. (the first one stores the plans and templates)
     assert used["template"] >= n_new - 2, used
     assert used["plan"] >= (n_new - 2) * full, used
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_prompt_layers_after_the_first_run_the_stored_forward_plan(
+    model_type, triton_backend, prepare_calls
+):
+    """A forward pass without gradients (a prompt): the first call per BlockMask prepares the
+    kernel and stores a plan on the mask, which every layer shares, and the later layers run
+    the plan (gemma2: a sliding and a global mask, softcap). Logits equal the reference's."""
+    ref, flex = make_pair(model_type, seed=3, layers=4)
+    ids, am = left_padded_batch(seed=5)
+    n = prepare_calls
+    layers = flex.config.num_hidden_layers
+    masks = 2 if model_type == "gemma2" else 1
+    with torch.no_grad():
+        expect = ref(ids, attention_mask=am).logits
+        got = flex(ids, attention_mask=am).logits
+        assert n["prepare"] == masks < layers
+        again = flex(ids, attention_mask=am).logits  # a second pass: the same logits
+    valid = am.bool()
+    torch.testing.assert_close(got[valid], expect[valid], atol=2e-4, rtol=0)
+    torch.testing.assert_close(again, got, atol=0, rtol=0)
 
 
 @pytest.mark.interpreter

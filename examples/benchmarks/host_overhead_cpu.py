@@ -126,6 +126,8 @@ def main() -> None:
     p.add_argument("--label", default="", help="name of this run in --json")
     p.add_argument("--decode-min-s", type=int, metavar="S",
                    help="use the decode kernel from S keys on (default: the backend's)")
+    p.add_argument("--no-fwd-plans", action="store_true",
+                   help="store no forward plans (a prompt's later layers prepare again)")
     p.add_argument("--profile-prompt", action="store_true",
                    help="after the timings, cProfile one prompt call per impl (our functions)")
     p.add_argument("--plot", nargs="+", metavar="JSON", help="draw saved runs (no timing)")
@@ -136,10 +138,12 @@ def main() -> None:
         return
     impls = args.impls.split(",")
     cuda = args.device == "cuda"
-    if args.decode_min_s is not None:
-        from hf_flexattn.backends import triton_backend
+    from hf_flexattn.backends import triton_backend
 
+    if args.decode_min_s is not None:
         triton_backend.DECODE_MIN_S = args.decode_min_s
+    if args.no_fwd_plans:
+        triton_backend._FWD_PLANS = False
     if not cuda:
         torch.set_num_threads(1)
         # the stubbed kernels leave their outputs uninitialised; denormal garbage would make

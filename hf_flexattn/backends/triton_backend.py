@@ -582,6 +582,48 @@ def _fwd_impl(
     )
 
 
+#: Store forward plans (:class:`_FwdPlan`); benchmarks switch it off to compare.
+_FWD_PLANS = True
+
+
+class _FwdPlan:
+    """A forward launch of the regular kernel with everything but q, k and v fixed: the
+    BlockMask's kv-side tensors, the mods bound to their captures, scale, block sizes and
+    config. Stored on the BlockMask like a decode plan (see :func:`run_plan`), so the later
+    layers of a prompt, which share one mask and one set of shapes, skip validation,
+    preparation and the config choice. ``plan(q, k, v, need_lse, blhd)`` as for
+    :class:`~hf_flexattn.kernels.flex_decode.DecodePlan`."""
+
+    __slots__ = ("rest", "mask_mod")
+
+    def __init__(self, kvn, kvi, fkvn, fkvi, score_caps, mask_caps, kernel_id, scale,
+                 q_block, kv_block, q, v, mask_mod) -> None:
+        e = _ENTRIES[kernel_id]
+        self.mask_mod = mask_mod
+        cfg = e.config("fwd", max(q.shape[-1], v.shape[-1]), q.shape[2], q_block, kv_block)
+        self.rest = (kvn, kvi, fkvn, fkvi, _with_captured(e.score_code, score_caps),
+                     _with_captured(e.mask_code, mask_caps), scale, q_block, kv_block, cfg)
+
+    def matches(self, block_mask: Any) -> bool:
+        """Whether ``block_mask`` still holds the tensors and mask_mod the plan was made
+        with (attributes reassigned since: the normal path)."""
+        r = self.rest
+        return (
+            block_mask.kv_num_blocks is r[0]
+            and block_mask.kv_indices is r[1]
+            and block_mask.full_kv_num_blocks is r[2]
+            and block_mask.full_kv_indices is r[3]
+            and block_mask.mask_mod is self.mask_mod
+        )
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, need_lse: bool = True,
+                 blhd: bool = False) -> tuple[Tensor, Tensor | None]:
+        from ..kernels import flex_fwd
+
+        out, lse = flex_fwd.launch(q, k, v, *self.rest)
+        return (out.transpose(1, 2) if blhd else out), (lse if need_lse else None)
+
+
 @flex_fwd_op.register_fake
 def _flex_fwd_fake(
     q,
@@ -1309,6 +1351,8 @@ def run_plan(
         return None
     if hit[2] and torch.is_grad_enabled() and any(t.requires_grad for t in hit[2]):
         return None  # a learnable score_mod under autograd: the differentiable kernels
+    if type(hit[0]) is _FwdPlan and not hit[0].matches(block_mask):
+        return None
     return hit[0](query, key, value, return_lse, blhd)
 
 
@@ -1437,6 +1481,23 @@ def flex_attention_forward(
         kv_block,
     )
     if not compiling and not need_grad and _direct_call_ok((q_in, k_in, v_in)):
+        opts = _plan_options(kernel_options)
+        if (
+            _FWD_PLANS
+            and opts is not _NO_PLAN
+            and q_in is query
+            and k_in is key
+            and v_in is value
+            and _frozen(score_mod)
+            and _frozen(mask_mod)
+        ):
+            # the next calls with this mask and these shapes (a prompt's later layers) run
+            # the plan from run_plan
+            plan = _FwdPlan(*args[3:7], score_caps, mask_caps, kid, float(scale), q_block,
+                            kv_block, query, value, mask_mod)
+            _remember_plan(block_mask, query, key, value, score_mod, scale, opts, plan,
+                           score_caps)
+            return plan(query, key, value)
         return _fwd_impl(*args)
     out, lse = flex_fwd_op(*args)
     return out, lse
