@@ -13,6 +13,7 @@
 #   bash examples/benchmarks/device_session.sh prompt     # prompt attention (TMA too), 40-round A/B
 #   bash examples/benchmarks/device_session.sh bisect     # library fwd vs standalone, edit by edit
 #   bash examples/benchmarks/device_session.sh insitu     # backward kernels alone vs between matmuls
+#   bash examples/benchmarks/device_session.sh plans      # forward plans on/off: prompt host time
 #
 # Logs and results go to $OUT (the device tool brings that folder back), or ./device_out.
 set -uo pipefail
@@ -120,6 +121,18 @@ insitu)
     timeout 300 python3 examples/benchmarks/bwd_in_situ.py 2>&1 | grep -v Warn \
         | tee "$OUT/bwd_in_situ.txt" | tail -30
     ;;
+plans)
+    # session 12: a prompt's later layers run a stored forward plan; its A/B on the GPU
+    # (host time to the first token, per layer), alternated, pinned to one core
+    for a in "--prompt 128 --batch 1" "--prompt 128 --batch 1" "--prompt 2048 --batch 8"; do
+        for o in "" "--no-fwd-plans"; do
+            echo "== $a ${o:-(plans on)}" | tee -a "$OUT/fwd_plans_ab.txt"
+            taskset -c 3 timeout 80 python3 examples/benchmarks/host_overhead_cpu.py \
+                --device cuda --rounds 3 --new 16 $a $o 2>&1 | grep -v Warn \
+                | tee -a "$OUT/fwd_plans_ab.txt" | tail -2
+        done
+    done
+    ;;
 bisect)
     # the library's forward against the standalone kernels, then its own rendered kernel
     # with edits toward G (fwd_loop_variants.EDITS), at three tile configs
@@ -128,6 +141,6 @@ bisect)
     ;;
 *)
     echo "unknown stage $1 (tests, train, generate, recipe, sweep, bwd, profile, suite_a,"\
-        "suite_b, prompt, bisect)"; exit 2
+        "suite_b, prompt, bisect, insitu, plans)"; exit 2
     ;;
 esac
