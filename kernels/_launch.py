@@ -91,12 +91,18 @@ def _no_hooks() -> bool:
 _DESC: list = [None]
 
 
-def _descriptor_type() -> Any:
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-    except ImportError:  # pragma: no cover - Triton < 3.4
-        return None
-    return TensorDescriptor
+_TD: list = []
+
+
+def descriptor_type() -> Any:
+    """Triton's host-side ``TensorDescriptor`` class (Triton >= 3.4), or None."""
+    if not _TD:
+        try:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+        except ImportError:  # pragma: no cover - older Triton
+            TensorDescriptor = None
+        _TD.append(TensorDescriptor)
+    return _TD[0]
 
 
 def _desc_spec(d: Any) -> tuple | None:
@@ -106,14 +112,14 @@ def _desc_spec(d: Any) -> tuple | None:
     base = d.base
     if not isinstance(base, torch.Tensor):
         return None
-    lo, hi = _I32
-    ints = []
-    for x in (*d.shape, *d.strides):
-        if type(x) is not int or not lo <= x <= hi:
-            return None
-        ints.append(1 if x == 1 else (0 if x & 15 else 16))
+    ints = (*d.shape, *d.strides)
+    if not all(type(x) is int for x in ints):
+        return None
+    int_spec = _spec(ints)
+    if int_spec is None:  # outside int32
+        return None
     return ("desc", base.dtype, base.data_ptr() & 15 == 0, tuple(d.block_shape),
-            getattr(d, "padding", None), getattr(d, "round_f32_to_tf32", None), tuple(ints))
+            getattr(d, "padding", None), getattr(d, "round_f32_to_tf32", None), int_spec)
 
 
 def _spec(args: tuple) -> tuple | None:
@@ -154,7 +160,7 @@ class Launcher:
 
     def __init__(self, fn: Any) -> None:
         if _DESC[0] is None:
-            _DESC[0] = _descriptor_type()
+            _DESC[0] = descriptor_type()
         self.fn = fn
         self.names = list(fn.arg_names)
         self.kernels: dict[tuple, tuple] = {}

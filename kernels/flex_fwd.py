@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ._launch import check_grid, launcher_for
+from ._launch import check_grid, descriptor_type, launcher_for
 from ._layout import empty_like_query
 from ._render import interpreter_on, load_rendered
 
@@ -404,20 +404,6 @@ def index_args(
     return [num, idx, *n.stride(), *i.stride()]
 
 
-def _descriptor_cls() -> Any:
-    """Triton's host-side ``TensorDescriptor`` (Triton >= 3.4), or None."""
-    if not _TD:
-        try:
-            from triton.tools.tensor_descriptor import TensorDescriptor
-        except ImportError:  # pragma: no cover - older Triton
-            TensorDescriptor = None
-        _TD.append(TensorDescriptor)
-    return _TD[0]
-
-
-_TD: list = []
-
-
 def tma_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, e_pad: int,
                     ev_pad: int) -> tuple[Any, Any] | None:
     """Host tensor descriptors of k ``[B, Hkv, S, E]`` and v over ``[1, 1, block_n, pad]``
@@ -425,7 +411,7 @@ def tma_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, e_pad: int,
     or more (the interpreter also takes them, for tests), fp16/bf16 (fp32 too in the
     interpreter), a contiguous last dim, 16-byte aligned bases and strides, head dims a
     multiple of 16 bytes and padded ones of at most 128."""
-    td = _descriptor_cls()
+    td = descriptor_type()
     if td is None or max(e_pad, ev_pad) > 128:
         return None
     interp = interpreter_on()

@@ -497,22 +497,29 @@ def _plan_setup(S=300, sm_vals=(0.1, 0.5)):
     return sm, slopes, bm
 
 
+@pytest.fixture
+def plan_calls(monkeypatch):
+    """One entry per call of a stored :class:`DecodePlan`."""
+    used = []
+    real = flex_decode.DecodePlan.__call__
+    monkeypatch.setattr(
+        flex_decode.DecodePlan, "__call__", lambda self, *a: used.append(1) or real(self, *a)
+    )
+    return used
+
+
 def _ref_check(out, q, k, v, sm, bm, tag):
     r, _ = reference_attention(q, k, v, sm, bm.mask_mod, None, True)
     b, _ = reference_attention(q, k, v, sm, bm.mask_mod, None, True, compute_dtype=q.dtype)
     assert_close_by_ratio(out, r, b, tag)
 
 
-def test_repeated_decode_call_uses_the_stored_plan_with_new_tensors(monkeypatch):
+def test_repeated_decode_call_uses_the_stored_plan_with_new_tensors(plan_calls):
     # the second call with the same BlockMask, mods and shapes (another layer, say) runs the
     # plan stored by the first: fresh q/k/v and in-place changes to captured tensors count
     S = 300
     sm, slopes, bm = _plan_setup(S)
-    used = []
-    real = flex_decode.DecodePlan.__call__
-    monkeypatch.setattr(
-        flex_decode.DecodePlan, "__call__", lambda self, *a: used.append(1) or real(self, *a)
-    )
+    used = plan_calls
     for i in range(3):
         q, k, v = _inputs(2, 4, 2, 1, S, 16, 16, torch.float32, seed=10 + i)
         if i == 2:
@@ -526,6 +533,29 @@ def test_repeated_decode_call_uses_the_stored_plan_with_new_tensors(monkeypatch)
         _ref_check(out, q, k, v, sm, bm, f"call {i}, no lse")
     assert len(getattr(bm, tb._PLANS_ATTR)) == 1
     assert len(used) == 5  # the first call stored the plan, the next five ran it
+
+
+def test_a_decode_plan_is_not_used_once_the_mask_parts_are_reassigned(plan_calls):
+    # a plan binds the BlockMask's kv-side tensors and mask_mod: after one of them is
+    # replaced, the call takes the normal path (and stores a plan for the new parts)
+    S = 300
+    sm, _, bm = _plan_setup(S)
+    used = plan_calls
+    q, k, v = _inputs(2, 4, 2, 1, S, 16, 16, torch.float32, seed=3)
+    flex_attention(q, k, v, sm, bm, enable_gqa=True, kernel_options=TR)
+    flex_attention(q, k, v, sm, bm, enable_gqa=True, kernel_options=TR)
+    assert len(used) == 1
+    bm.kv_num_blocks = bm.kv_num_blocks.clone()
+    _ref_check(flex_attention(q, k, v, sm, bm, enable_gqa=True, kernel_options=TR), q, k, v,
+               sm, bm, "new kv_num_blocks")
+    assert len(used) == 1
+    bm.mask_mod = M.causal(S - 9)  # the last 8 keys hidden (on the partial last tile)
+    _ref_check(flex_attention(q, k, v, sm, bm, enable_gqa=True, kernel_options=TR), q, k, v,
+               sm, bm, "new mask_mod")
+    assert len(used) == 1
+    _ref_check(flex_attention(q, k, v, sm, bm, enable_gqa=True, kernel_options=TR), q, k, v,
+               sm, bm, "again: the new plan")
+    assert len(used) == 2
 
 
 def test_decode_output_is_stored_like_the_query(calls):

@@ -558,17 +558,13 @@ def flex_fwd_op(
     )
 
 
-def _fwd_impl(
-    q, k, v, kvn, kvi, fkvn, fkvi, qn, qi, fqn, fqi, score_caps, mask_caps, kernel_id, scale,
-    q_block, kv_block,
-) -> tuple[Tensor, Tensor]:
-    from ..kernels import flex_fwd
-
+def _fwd_launch_rest(
+    q, v, kvn, kvi, fkvn, fkvi, score_caps, mask_caps, kernel_id, scale, q_block, kv_block,
+) -> tuple:
+    """The arguments of ``flex_fwd.launch`` after q, k and v: the BlockMask's kv-side
+    tensors, the mods bound to their captures, scale, block sizes and the config."""
     e = _ENTRIES[kernel_id]
-    return flex_fwd.launch(
-        q,
-        k,
-        v,
+    return (
         kvn,
         kvi,
         fkvn,
@@ -582,39 +578,32 @@ def _fwd_impl(
     )
 
 
+def _fwd_impl(
+    q, k, v, kvn, kvi, fkvn, fkvi, qn, qi, fqn, fqi, score_caps, mask_caps, kernel_id, scale,
+    q_block, kv_block,
+) -> tuple[Tensor, Tensor]:
+    from ..kernels import flex_fwd
+
+    rest = _fwd_launch_rest(q, v, kvn, kvi, fkvn, fkvi, score_caps, mask_caps, kernel_id,
+                            scale, q_block, kv_block)
+    return flex_fwd.launch(q, k, v, *rest)
+
+
 #: Store forward plans (:class:`_FwdPlan`); benchmarks switch it off to compare.
 _FWD_PLANS = True
 
 
 class _FwdPlan:
-    """A forward launch of the regular kernel with everything but q, k and v fixed: the
-    BlockMask's kv-side tensors, the mods bound to their captures, scale, block sizes and
-    config. Stored on the BlockMask like a decode plan (see :func:`run_plan`), so the later
-    layers of a prompt, which share one mask and one set of shapes, skip validation,
-    preparation and the config choice. ``plan(q, k, v, need_lse, blhd)`` as for
-    :class:`~hf_flexattn.kernels.flex_decode.DecodePlan`."""
+    """A forward launch of the regular kernel with everything but q, k and v fixed
+    (:func:`_fwd_launch_rest`). Stored on the BlockMask like a decode plan (see
+    :func:`run_plan`), so the later layers of a prompt, which share one mask and one set of
+    shapes, skip validation, preparation and the config choice. ``plan(q, k, v, need_lse,
+    blhd)`` as for :class:`~hf_flexattn.kernels.flex_decode.DecodePlan`."""
 
-    __slots__ = ("rest", "mask_mod")
+    __slots__ = ("rest",)
 
-    def __init__(self, kvn, kvi, fkvn, fkvi, score_caps, mask_caps, kernel_id, scale,
-                 q_block, kv_block, q, v, mask_mod) -> None:
-        e = _ENTRIES[kernel_id]
-        self.mask_mod = mask_mod
-        cfg = e.config("fwd", max(q.shape[-1], v.shape[-1]), q.shape[2], q_block, kv_block)
-        self.rest = (kvn, kvi, fkvn, fkvi, _with_captured(e.score_code, score_caps),
-                     _with_captured(e.mask_code, mask_caps), scale, q_block, kv_block, cfg)
-
-    def matches(self, block_mask: Any) -> bool:
-        """Whether ``block_mask`` still holds the tensors and mask_mod the plan was made
-        with (attributes reassigned since: the normal path)."""
-        r = self.rest
-        return (
-            block_mask.kv_num_blocks is r[0]
-            and block_mask.kv_indices is r[1]
-            and block_mask.full_kv_num_blocks is r[2]
-            and block_mask.full_kv_indices is r[3]
-            and block_mask.mask_mod is self.mask_mod
-        )
+    def __init__(self, rest: tuple) -> None:
+        self.rest = rest
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, need_lse: bool = True,
                  blhd: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -1080,7 +1069,21 @@ def _remember_plan(block_mask, query, key, value, score_mod, scale, opts, plan,
     grad_caps = tuple(t for t in score_caps if t.requires_grad) if score_caps else ()
     if pkey is None:
         pkey = _plan_key(query, key, value, score_mod, float(scale), opts)
-    plans[pkey] = (plan, score_mod, grad_caps)
+    parts = (block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
+             block_mask.full_kv_indices, block_mask.mask_mod)
+    plans[pkey] = (plan, score_mod, grad_caps, parts)
+
+
+def _same_mask_parts(block_mask: Any, parts: tuple) -> bool:
+    """Whether ``block_mask`` still holds the kv-side tensors and mask_mod a plan was stored
+    with (see :func:`_remember_plan`); a plan binds those objects."""
+    return (
+        block_mask.kv_num_blocks is parts[0]
+        and block_mask.kv_indices is parts[1]
+        and block_mask.full_kv_num_blocks is parts[2]
+        and block_mask.full_kv_indices is parts[3]
+        and block_mask.mask_mod is parts[4]
+    )
 
 
 # Decode templates. Each decoding step brings a new BlockMask (one key more), so the first
@@ -1351,8 +1354,8 @@ def run_plan(
         return None
     if hit[2] and torch.is_grad_enabled() and any(t.requires_grad for t in hit[2]):
         return None  # a learnable score_mod under autograd: the differentiable kernels
-    if type(hit[0]) is _FwdPlan and not hit[0].matches(block_mask):
-        return None
+    if not _same_mask_parts(block_mask, hit[3]):
+        return None  # tensors or mask_mod reassigned since the plan was stored
     return hit[0](query, key, value, return_lse, blhd)
 
 
@@ -1493,8 +1496,10 @@ def flex_attention_forward(
         ):
             # the next calls with this mask and these shapes (a prompt's later layers) run
             # the plan from run_plan
-            plan = _FwdPlan(*args[3:7], score_caps, mask_caps, kid, float(scale), q_block,
-                            kv_block, query, value, mask_mod)
+            plan = _FwdPlan(_fwd_launch_rest(
+                query, value, *args[3:7], score_caps, mask_caps, kid, float(scale), q_block,
+                kv_block,
+            ))
             _remember_plan(block_mask, query, key, value, score_mod, scale, opts, plan,
                            score_caps)
             return plan(query, key, value)
