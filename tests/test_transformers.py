@@ -121,20 +121,22 @@ def reference_impl(model_type: str) -> str:
     return "sdpa" if model_type == "falcon" else "eager"
 
 
-def make_pair(model_type: str, seed: int = 0, layers: int | None = None):
-    """(reference model, flex model) with the same weights; ``layers``: more layers than the
-    tiny config's 2 (``layer_types`` repeated)."""
+def make_pair(model_type: str, seed: int = 0, layers: int | None = None,
+              auto=AutoModelForCausalLM, **config_kw):
+    """(reference model, flex model) of the ``auto`` class with the same weights; ``layers``:
+    more layers than the tiny config's 2 (``layer_types`` repeated); ``config_kw``: config
+    attributes to set."""
     config = tiny_config(model_type)
+    for name, value in config_kw.items():
+        setattr(config, name, value)
     if layers is not None:
         kinds = getattr(config, "layer_types", None)
         config.num_hidden_layers = layers
         if kinds:
             config.layer_types = [kinds[i % len(kinds)] for i in range(layers)]
     torch.manual_seed(seed)
-    ref = AutoModelForCausalLM.from_config(
-        copy.deepcopy(config), attn_implementation=reference_impl(model_type)
-    )
-    flex = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="flex")
+    ref = auto.from_config(copy.deepcopy(config), attn_implementation=reference_impl(model_type))
+    flex = auto.from_config(copy.deepcopy(config), attn_implementation="flex")
     flex.load_state_dict(ref.state_dict())
     assert flex.config._attn_implementation == "flex"
     return ref.eval().to(DEVICE), flex.eval().to(DEVICE)
@@ -869,16 +871,7 @@ def test_patched_token_classification_head_keeps_packed_rows(model_type):
     # row (cu_seq_lens only) equal those of its documents run apart
     from transformers import AutoModelForTokenClassification
 
-    config = tiny_config(model_type)
-    config.num_labels = 3
-    torch.manual_seed(0)
-    ref = AutoModelForTokenClassification.from_config(
-        copy.deepcopy(config), attn_implementation=reference_impl(model_type)
-    ).eval().to(DEVICE)
-    flex = AutoModelForTokenClassification.from_config(
-        copy.deepcopy(config), attn_implementation="flex"
-    ).eval().to(DEVICE)
-    flex.load_state_dict(ref.state_dict())
+    ref, flex = make_pair(model_type, auto=AutoModelForTokenClassification, num_labels=3)
     docs = _docs(seed=3)
     cu = torch.tensor([0, *itertools.accumulate(len(d) for d in docs)], dtype=torch.int32,
                       device=DEVICE)
